@@ -1,0 +1,23 @@
+"""Request-scoped SQLAlchemy sessions for any WSGI or ASGI application."""
+
+from .asgi import ASGISessionMiddleware
+from .scope import (
+    NoRequestScopeError,
+    RequestScope,
+    current_request,
+    request_scope,
+    request_scoped,
+    set_rollback,
+)
+from .wsgi import WSGISessionMiddleware
+
+__all__ = [
+    "ASGISessionMiddleware",
+    "NoRequestScopeError",
+    "RequestScope",
+    "WSGISessionMiddleware",
+    "current_request",
+    "request_scope",
+    "request_scoped",
+    "set_rollback",
+]

@@ -1,0 +1,120 @@
+"""Commit or roll back: the one place that decides, and the commit itself.
+
+Both middlewares ask :meth:`CommitPolicy.should_commit` once, when the response
+status is known and *before* the response starts, so a commit that fails can
+still become a 500: a client is never told "200 OK" for data that was not saved.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Literal, Union
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session, SessionTransaction
+
+from .scope import RequestScope
+
+__all__ = ["Commit", "CommitPolicy", "commit_async", "commit_sync", "describe"]
+
+log = logging.getLogger("sessionmw")
+
+Commit = Union[Literal["manual", "on_success"], Callable[[int], bool]]
+
+_UNSAVED = "sessionmw.unsaved"
+
+
+def _on_success(status: int) -> bool:
+    return status < 400
+
+
+class CommitPolicy:
+    """What ``commit=`` means: ``"manual"``, ``"on_success"`` or ``(status) -> bool``."""
+
+    __slots__ = ("_rule", "manual")
+
+    def __init__(self, commit: Commit) -> None:
+        rule: Callable[[int], bool] | None
+        if commit == "manual":
+            rule = None
+        elif commit == "on_success":
+            rule = _on_success
+        elif callable(commit):
+            rule = commit
+        else:
+            raise ValueError(
+                f"commit= takes 'manual', 'on_success' or a callable (status: int) -> bool, "
+                f"not {commit!r}; for example commit='on_success'."
+            )
+        self._rule = rule
+        self.manual = rule is None
+        if self.manual:
+            _track_unsaved_writes()
+
+    def should_commit(self, status: int, request: RequestScope) -> bool:
+        """Commit only if the policy accepts ``status`` and nobody called set_rollback()."""
+        if self._rule is None or request.rollback:
+            return False
+        return bool(self._rule(status))
+
+
+def describe(request: RequestScope) -> str:
+    """``"GET /path"`` for log lines; the kind for a script scope."""
+    raw = request.raw
+    if request.kind == "wsgi":
+        return f"{raw.get('REQUEST_METHOD', '')} {raw.get('PATH_INFO', '')}"
+    if request.kind == "http":
+        return f"{raw.get('method', '')} {raw.get('path', '')}"
+    if request.kind == "websocket":
+        return f"WEBSOCKET {raw.get('path', '')}"
+    return request.kind
+
+
+def commit_sync(session: Session, request: RequestScope) -> None:
+    """Commit; on failure log at ERROR, roll back and re-raise so the client gets a 500."""
+    try:
+        session.commit()
+    except Exception:
+        log.error("commit failed for %s; answering with an error", describe(request), exc_info=True)
+        session.rollback()
+        raise
+    log.debug("commit %s", describe(request))
+
+
+async def commit_async(session: AsyncSession, request: RequestScope) -> None:
+    """:func:`commit_sync` for an ``AsyncSession``."""
+    try:
+        await session.commit()
+    except Exception:
+        log.error("commit failed for %s; answering with an error", describe(request), exc_info=True)
+        await session.rollback()
+        raise
+    log.debug("commit %s", describe(request))
+
+
+def warn_if_unsaved(session: Session, request: RequestScope) -> None:
+    """Under ``"manual"``, warn when a successful request leaves ORM writes uncommitted."""
+    if session.new or session.dirty or session.deleted or session.info.get(_UNSAVED):
+        log.warning(
+            "%s succeeded but its session has uncommitted changes, which are now rolled "
+            "back; call Session.commit() or use commit='on_success'",
+            describe(request),
+        )
+
+
+def _mark_unsaved(session: Session, *args: Any) -> None:
+    session.info[_UNSAVED] = True
+
+
+def _clear_unsaved(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:
+        session.info.pop(_UNSAVED, None)
+
+
+def _track_unsaved_writes() -> None:
+    """Remember flushed-but-uncommitted ORM writes, for :func:`warn_if_unsaved`."""
+    if not event.contains(Session, "after_flush", _mark_unsaved):
+        event.listen(Session, "after_flush", _mark_unsaved)
+        event.listen(Session, "after_transaction_end", _clear_unsaved)

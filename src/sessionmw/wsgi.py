@@ -1,0 +1,176 @@
+"""Request-scoped SQLAlchemy sessions for WSGI applications.
+
+``WSGISessionMiddleware`` opens a request scope for each call, puts the
+``scoped_session`` at ``environ["sessionmw.session"]`` and removes the request's
+Session exactly once, when the response iterable is closed: after the body has
+streamed, when the server abandons it, or at once when the application raises.
+Until then the body may still use the session.
+
+With ``commit="on_success"`` (or a callable) the commit happens inside
+``start_response``, before the status reaches the server, so a commit that
+fails propagates as an exception and the server answers 500.  Writes made while
+the body streams come after that decision and must be committed by the app.
+
+Stack one middleware per database; they share the request's token.  The
+middleware does not wrap ``async_scoped_session``: WSGI has no event loop to
+close it on, so serve such apps through ``ASGISessionMiddleware``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import Token
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import scoped_session
+
+from .policy import Commit, CommitPolicy, commit_sync, describe, log, warn_if_unsaved
+from .scope import RequestScope, _current, check_request_scoped, is_async, remove_sync
+
+if TYPE_CHECKING:
+    from _typeshed import OptExcInfo
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["WSGISessionMiddleware"]
+
+
+class WSGISessionMiddleware:
+    """Give every WSGI request its own Session from ``session`` and remove it after.
+
+    :param app: the WSGI application to wrap.
+    :param session: a ``scoped_session`` keyed by :func:`sessionmw.current_request`.
+    :param commit: ``"manual"`` (the app commits), ``"on_success"`` (commit when
+        the status is below 400 and :func:`sessionmw.set_rollback` was not
+        called) or a callable ``(status) -> bool``.
+    :param environ_key: where the ``scoped_session`` is put in the environ.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        session: scoped_session[Any],
+        *,
+        commit: Commit = "manual",
+        environ_key: str = "sessionmw.session",
+    ) -> None:
+        check_request_scoped(session, "WSGISessionMiddleware")
+        if is_async(session):
+            raise TypeError(
+                "WSGISessionMiddleware got an async_scoped_session, which needs an event "
+                "loop to close; use a scoped_session over a sessionmaker for WSGI, or "
+                "serve the app with sessionmw.ASGISessionMiddleware."
+            )
+        self.app = app
+        self.session = session
+        self.policy = CommitPolicy(commit)
+        self.environ_key = environ_key
+
+    def __call__(
+        self, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        outer = _current.get()
+        if outer is not None and outer.raw is environ:
+            request, token = outer, None  # stacked middlewares share one token
+        else:
+            request = RequestScope("wsgi", environ)
+            token = _current.set(request)
+        environ[self.environ_key] = self.session
+        response = _Response(self, request, token, start_response)
+        try:
+            response.body = self.app(environ, response.start_response)
+        except BaseException:
+            response.failed = True
+            response.close()
+            raise
+        return response
+
+
+class _Response:
+    """The app's response iterable, whose ``close()`` ends the request scope."""
+
+    __slots__ = ("body", "closed", "failed", "middleware", "request", "started", "status",
+                 "token", "_start_response")
+
+    def __init__(
+        self,
+        middleware: WSGISessionMiddleware,
+        request: RequestScope,
+        token: Token[RequestScope | None] | None,
+        start_response: StartResponse,
+    ) -> None:
+        self.middleware = middleware
+        self.request = request
+        self.token = token
+        self._start_response = start_response
+        self.body: Iterable[bytes] = ()
+        self.status = 0
+        self.failed = False
+        self.closed = False
+        self.started = perf_counter() if log.isEnabledFor(logging.DEBUG) else 0.0
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        if exc_info is not None:
+            self.failed = True
+            self.status = int(status[:3])
+        elif not self.status:
+            self.status = int(status[:3])
+            self._settle()
+        return self._start_response(status, headers, exc_info)
+
+    def _settle(self) -> None:
+        """Commit or roll back, now that the status is known and before the server sees it."""
+        session = self.middleware.session
+        if not session.registry.has():
+            return
+        if self.middleware.policy.should_commit(self.status, self.request):
+            try:
+                commit_sync(session.registry(), self.request)
+            except BaseException:
+                self.failed = True
+                raise
+        elif not self.middleware.policy.manual:
+            session.registry().rollback()
+            log.debug("rollback %s (status %d)", describe(self.request), self.status)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.body)
+
+    def close(self) -> None:
+        """Close the app's iterable, then remove the session; once, however often called."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        # Re-enter the request's scope: a server may close the iterable from
+        # another context than the one that called the app.
+        entered = _current.set(self.request)
+        try:
+            session = self.middleware.session
+            if session.registry.has():
+                if self.middleware.policy.manual and not self.failed and 0 < self.status < 400:
+                    warn_if_unsaved(session.registry(), self.request)
+                remove_sync(session)
+                if self.started:
+                    log.debug(
+                        "remove %s (status %d) after %.1f ms",
+                        describe(self.request), self.status,
+                        (perf_counter() - self.started) * 1000,
+                    )
+        finally:
+            _current.reset(entered)
+            if self.token is not None:
+                try:
+                    _current.reset(self.token)
+                except ValueError:
+                    pass  # closed from another context; the opening one ends with its thread

@@ -1,0 +1,123 @@
+"""Shared fixtures: a real SQLite file per test, and sessions that count their lives."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session as OrmSession
+from sqlalchemy.orm import scoped_session, sessionmaker
+
+import sessionmw
+from tests.models import Base, Note, User
+
+
+class Tracker:
+    """Every Session a factory made, and how often each was closed."""
+
+    def __init__(self) -> None:
+        self.created: list[OrmSession] = []
+        self.closes: Counter[int] = Counter()
+
+    def session_class(self) -> type[OrmSession]:
+        tracker = self
+
+        class TrackedSession(OrmSession):
+            def __init__(self, *args: Any, **kw: Any) -> None:
+                super().__init__(*args, **kw)
+                tracker.created.append(self)
+
+            def close(self) -> None:
+                tracker.closes[id(self)] += 1
+                super().close()
+
+        return TrackedSession
+
+    def closed_once(self) -> bool:
+        return all(self.closes[id(s)] == 1 for s in self.created)
+
+
+def sqlite_pragmas(engine: Engine) -> None:
+    """Foreign keys on (SQLite has them off by default), and wait for locks, not fail."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.close()
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'app.db'}"
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = create_engine(db_url, pool_size=5, max_overflow=10, pool_timeout=5)
+    sqlite_pragmas(engine)
+    Base.metadata.create_all(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def tracker() -> Tracker:
+    return Tracker()
+
+
+@pytest.fixture
+def Session(engine: Engine, tracker: Tracker) -> scoped_session[OrmSession]:  # noqa: N802
+    factory = sessionmaker(bind=engine, class_=tracker.session_class())
+    return sessionmw.request_scoped(factory)  # type: ignore[return-value]
+
+
+@pytest.fixture
+async def async_engine(db_url: str, engine: Engine) -> Any:
+    aengine = create_async_engine(
+        db_url.replace("sqlite://", "sqlite+aiosqlite://"),
+        pool_size=5, max_overflow=10, pool_timeout=5,
+    )
+    sqlite_pragmas(aengine.sync_engine)
+    yield aengine
+    await aengine.dispose()
+
+
+@pytest.fixture
+def AsyncSession(async_engine: AsyncEngine, tracker: Tracker) -> Any:  # noqa: N802
+    factory = async_sessionmaker(async_engine, sync_session_class=tracker.session_class())
+    return sessionmw.request_scoped(factory)
+
+
+def count_rows(engine: Engine, model: type[Any]) -> int:
+    with engine.connect() as conn:
+        return int(conn.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def user_names(engine: Engine) -> set[str]:
+    with engine.connect() as conn:
+        return set(conn.scalars(select(User.name)))
+
+
+def assert_clean(session: Any, engine: Engine, tracker: Tracker | None = None) -> None:
+    """No Session left in the registry, no connection out of the pool, each Session closed once."""
+    assert session.registry.registry == {}
+    assert engine.pool.checkedout() == 0
+    if tracker is not None:
+        assert tracker.closed_once(), tracker.closes
+    with pytest.raises(sessionmw.NoRequestScopeError):
+        sessionmw.current_request()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+__all__ = ["Note", "Tracker", "User", "assert_clean", "count_rows", "user_names"]
