@@ -73,7 +73,7 @@ def tracker() -> Tracker:
 
 
 @pytest.fixture
-def Session(engine: Engine, tracker: Tracker) -> scoped_session[OrmSession]:  # noqa: N802
+def Session(engine: Engine, tracker: Tracker) -> scoped_session[OrmSession]:
     factory = sessionmaker(bind=engine, class_=tracker.session_class())
     return sessionmw.request_scoped(factory)  # type: ignore[return-value]
 
@@ -82,7 +82,9 @@ def Session(engine: Engine, tracker: Tracker) -> scoped_session[OrmSession]:  # 
 async def async_engine(db_url: str, engine: Engine) -> Any:
     aengine = create_async_engine(
         db_url.replace("sqlite://", "sqlite+aiosqlite://"),
-        pool_size=5, max_overflow=10, pool_timeout=5,
+        pool_size=5,
+        max_overflow=10,
+        pool_timeout=5,
     )
     sqlite_pragmas(aengine.sync_engine)
     yield aengine
@@ -90,7 +92,7 @@ async def async_engine(db_url: str, engine: Engine) -> Any:
 
 
 @pytest.fixture
-def AsyncSession(async_engine: AsyncEngine, tracker: Tracker) -> Any:  # noqa: N802
+def AsyncSession(async_engine: AsyncEngine, tracker: Tracker) -> Any:
     factory = async_sessionmaker(async_engine, sync_session_class=tracker.session_class())
     return sessionmw.request_scoped(factory)
 

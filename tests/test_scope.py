@@ -66,10 +66,14 @@ def test_request_scope_gives_a_fresh_session_and_removes_it(
 
 
 def test_request_scope_removes_on_exception(Session: Any, engine: Engine, tracker: Tracker) -> None:
-    with pytest.raises(ZeroDivisionError), sessionmw.request_scope(Session):
-        Session.add(User(name="lost"))
-        Session.flush()
-        1 / 0  # noqa: B018
+    def fail() -> None:
+        with sessionmw.request_scope(Session):
+            Session.add(User(name="lost"))
+            Session.flush()
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        fail()
     assert count_rows(engine, User) == 0
     assert_clean(Session, engine, tracker)
 

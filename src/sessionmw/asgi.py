@@ -118,9 +118,9 @@ class ASGISessionMiddleware:
         else:
             request = RequestScope(scope["type"], scope)  # type: ignore[arg-type]
             token = _current.set(request)
-        state: dict[str, Any] | None = scope.get("state")  # type: ignore[assignment]
+        state: dict[str, Any] | None = scope.get("state")
         if state is None:
-            state = scope["state"] = {}  # type: ignore[typeddict-unknown-key]
+            state = scope["state"] = {}
         state[self.state_key] = self.session
         cycle = _Cycle(self, request, send)
         try:
@@ -205,7 +205,9 @@ class _Cycle:
         if self.started:
             log.debug(
                 "remove %s (status %d) after %.1f ms",
-                describe(self.request), self.status, (perf_counter() - self.started) * 1000,
+                describe(self.request),
+                self.status,
+                (perf_counter() - self.started) * 1000,
             )
 
     async def _settle_websocket(self) -> None:

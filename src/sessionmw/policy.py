@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -21,7 +21,7 @@ __all__ = ["Commit", "CommitPolicy", "commit_async", "commit_sync", "describe"]
 
 log = logging.getLogger("sessionmw")
 
-Commit = Union[Literal["manual", "on_success"], Callable[[int], bool]]
+Commit = Literal["manual", "on_success"] | Callable[[int], bool]
 
 _UNSAVED = "sessionmw.unsaved"
 

@@ -12,8 +12,8 @@ threads, tasks and greenlets, and :func:`current_request` is the ``scopefunc``.
 from __future__ import annotations
 
 import logging
-from contextvars import ContextVar, Token
 from collections.abc import Iterable
+from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
 
@@ -85,7 +85,8 @@ _NO_SCOPE = (
     "No request scope is active. Wrap the application with "
     "sessionmw.WSGISessionMiddleware or sessionmw.ASGISessionMiddleware, or open "
     "one explicitly with `with sessionmw.request_scope(Session): ...` "
-    "(`async with` for an async_scoped_session) in scripts, jobs and tests."
+    "(`async with` for an async_scoped_session) in scripts, jobs and tests. "
+    "At start-up, configure the factory itself: Session.session_factory.configure(bind=engine)."
 )
 
 

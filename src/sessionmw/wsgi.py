@@ -19,8 +19,8 @@ close it on, so serve such apps through ``ASGISessionMiddleware``.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextvars import Token
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -67,9 +67,7 @@ class WSGISessionMiddleware:
         self.policy = CommitPolicy(commit)
         self.environ_key = environ_key
 
-    def __call__(
-        self, environ: WSGIEnvironment, start_response: StartResponse
-    ) -> Iterable[bytes]:
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         outer = _current.get()
         if outer is not None and outer.raw is environ:
             request, token = outer, None  # stacked middlewares share one token
@@ -77,34 +75,50 @@ class WSGISessionMiddleware:
             request = RequestScope("wsgi", environ)
             token = _current.set(request)
         environ[self.environ_key] = self.session
-        response = _Response(self, request, token, start_response)
+        response = _Response(self, request, start_response)
         try:
             response.body = self.app(environ, response.start_response)
         except BaseException:
             response.failed = True
             response.close()
             raise
+        finally:
+            if token is not None:
+                _current.reset(token)
         return response
 
 
 class _Response:
-    """The app's response iterable, whose ``close()`` ends the request scope."""
+    """The app's response iterable: re-enters the request scope for each chunk, ends it on close.
 
-    __slots__ = ("body", "closed", "failed", "middleware", "request", "started", "status",
-                 "token", "_start_response")
+    The token is not left in the server's context between chunks, so a server
+    (or a test client) that never closes the iterable leaks no token into the
+    next request; the Session is then removed when the iterable is collected.
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_start_response",
+        "body",
+        "closed",
+        "failed",
+        "middleware",
+        "request",
+        "started",
+        "status",
+    )
 
     def __init__(
         self,
         middleware: WSGISessionMiddleware,
         request: RequestScope,
-        token: Token[RequestScope | None] | None,
         start_response: StartResponse,
     ) -> None:
         self.middleware = middleware
         self.request = request
-        self.token = token
         self._start_response = start_response
         self.body: Iterable[bytes] = ()
+        self._chunks: Iterator[bytes] | None = None
         self.status = 0
         self.failed = False
         self.closed = False
@@ -137,40 +151,60 @@ class _Response:
             log.debug("rollback %s (status %d)", describe(self.request), self.status)
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self.body)
+        return self
+
+    def __next__(self) -> bytes:
+        token = _current.set(self.request)
+        try:
+            if self._chunks is None:
+                self._chunks = iter(self.body)
+            return next(self._chunks)
+        except StopIteration:
+            raise
+        except BaseException:
+            self.failed = True
+            raise
+        finally:
+            _current.reset(token)
 
     def close(self) -> None:
         """Close the app's iterable, then remove the session; once, however often called."""
         if self.closed:
             return
         self.closed = True
+        token = _current.set(self.request)
         try:
             close = getattr(self.body, "close", None)
             if close is not None:
                 close()
         finally:
-            self._end()
+            try:
+                self._end()
+            finally:
+                _current.reset(token)
 
     def _end(self) -> None:
-        # Re-enter the request's scope: a server may close the iterable from
-        # another context than the one that called the app.
-        entered = _current.set(self.request)
-        try:
-            session = self.middleware.session
-            if session.registry.has():
-                if self.middleware.policy.manual and not self.failed and 0 < self.status < 400:
-                    warn_if_unsaved(session.registry(), self.request)
-                remove_sync(session)
-                if self.started:
-                    log.debug(
-                        "remove %s (status %d) after %.1f ms",
-                        describe(self.request), self.status,
-                        (perf_counter() - self.started) * 1000,
-                    )
-        finally:
-            _current.reset(entered)
-            if self.token is not None:
-                try:
-                    _current.reset(self.token)
-                except ValueError:
-                    pass  # closed from another context; the opening one ends with its thread
+        session = self.middleware.session
+        if not session.registry.has():
+            return
+        if self.middleware.policy.manual and not self.failed and 0 < self.status < 400:
+            warn_if_unsaved(session.registry(), self.request)
+        remove_sync(session)
+        if self.started:
+            log.debug(
+                "remove %s (status %d) after %.1f ms",
+                describe(self.request),
+                self.status,
+                (perf_counter() - self.started) * 1000,
+            )
+
+    def __del__(self) -> None:
+        if not self.closed:
+            warnings.warn(
+                f"the response to {describe(self.request)} was never closed; its session is "
+                "removed now. WSGI servers call close(); with a test client, close the "
+                "response or pass buffered=True.",
+                ResourceWarning,
+                stacklevel=1,
+            )
+            self.close()

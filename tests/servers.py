@@ -1,0 +1,40 @@
+"""Real servers on 127.0.0.1 for the end-to-end tests, started and stopped by the tests."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from werkzeug.serving import make_server
+
+
+@contextmanager
+def werkzeug_server(app: Any) -> Iterator[str]:
+    """Werkzeug's threaded server (a thread per request), as ``flask run`` uses."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        server.shutdown()
+        thread.join(10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``check`` until true: servers finish cleaning up just after the last byte is sent."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
