@@ -45,6 +45,7 @@ from .scope import (
     is_async,
     remove_async,
     remove_sync,
+    run_shielded,
 )
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
         ASGISendEvent,
         Scope,
     )
+    from sqlalchemy.orm import Session
 
 __all__ = ["ASGISessionMiddleware"]
 
@@ -69,6 +71,10 @@ def _limiter() -> anyio.CapacityLimiter:
     if _commit_limiter is None:
         _commit_limiter = anyio.CapacityLimiter(COMMIT_THREADS)
     return _commit_limiter
+
+
+async def _commit_in_thread(session: Session, request: RequestScope) -> None:
+    await anyio.to_thread.run_sync(commit_sync, session, request, limiter=_limiter())
 
 
 class ASGISessionMiddleware:
@@ -171,22 +177,18 @@ class _Cycle:
         current = session.registry()
         if policy.should_commit(self.status, self.request):
             try:
-                with anyio.CancelScope(shield=True):
-                    if self.middleware.is_async:
-                        await commit_async(current, self.request)
-                    else:
-                        await anyio.to_thread.run_sync(
-                            commit_sync, current, self.request, limiter=_limiter()
-                        )
+                if self.middleware.is_async:
+                    await run_shielded(commit_async, current, self.request)
+                else:
+                    await run_shielded(_commit_in_thread, current, self.request)
             except BaseException:
                 self.failed = True
                 raise
         elif not policy.manual:
-            with anyio.CancelScope(shield=True):
-                if self.middleware.is_async:
-                    await current.rollback()
-                else:
-                    current.rollback()
+            if self.middleware.is_async:
+                await run_shielded(current.rollback)
+            else:
+                current.rollback()
             log.debug("rollback %s (status %d)", describe(self.request), self.status)
 
     async def end(self) -> None:

@@ -11,8 +11,9 @@ threads, tasks and greenlets, and :func:`current_request` is the ``scopefunc``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
@@ -42,6 +43,7 @@ ScopedSession = Union["scoped_session[Any]", "async_scoped_session[Any]"]
 
 _S = TypeVar("_S", bound="Session")
 _AS = TypeVar("_AS", bound="AsyncSession")
+_T = TypeVar("_T")
 
 
 class NoRequestScopeError(LookupError):
@@ -168,21 +170,44 @@ def remove_sync(session: scoped_session[Any]) -> None:
         session.registry.clear()
 
 
-async def remove_async(session: async_scoped_session[Any]) -> None:
-    """:func:`remove_sync` for an ``async_scoped_session``, shielded from cancellation.
+async def run_shielded(func: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+    """Run ``func(*args)`` to the end even if the caller is cancelled meanwhile.
 
-    A cancelled request (client gone, server shutting down) must still give its
-    connection back, so the close runs to the end before the cancellation is
-    seen again.
+    A cancelled request (client gone, server shutting down) must still commit
+    or close what it started and give its connection back.  An anyio shielded
+    scope holds off anyio's (and trio's) cancellation, but not a plain
+    ``Task.cancel()`` under asyncio, so there the work runs in a task of its own
+    that is awaited until done; the cancellation is re-raised afterwards.
     """
     with anyio.CancelScope(shield=True):
         try:
-            await session.remove()
-        except Exception:
-            log.error("closing the session failed", exc_info=True)
-            raise
-        finally:
-            session.registry.clear()
+            asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio: the shielded scope is enough
+            return await func(*args)
+        work = asyncio.ensure_future(func(*args))
+        cancelled = False
+        while True:
+            try:
+                result = await asyncio.shield(work)
+                break
+            except asyncio.CancelledError:
+                if work.done():
+                    raise
+                cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+async def remove_async(session: async_scoped_session[Any]) -> None:
+    """:func:`remove_sync` for an ``async_scoped_session``, shielded from cancellation."""
+    try:
+        await run_shielded(session.remove)
+    except Exception:
+        log.error("closing the session failed", exc_info=True)
+        raise
+    finally:
+        session.registry.clear()
 
 
 def remove_all_sync(sessions: Iterable[scoped_session[Any]]) -> None:
