@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from sqlalchemy import Engine, insert, text
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -21,12 +22,12 @@ from tests.conftest import Tracker
 from tests.models import Note, User
 
 
-async def maybe(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
 class Db:
-    """The same handful of operations on a sync or an async scoped_session."""
+    """The same handful of operations on a sync or an async scoped_session.
+
+    Sync work runs in a worker thread, as Starlette runs a plain ``def`` endpoint:
+    blocking the event loop on a database lock would stall every other request.
+    """
 
     def __init__(
         self,
@@ -46,15 +47,27 @@ class Db:
     def is_async(self) -> bool:
         return self.kind == "async"
 
+    async def run(self, method: str, *args: Any) -> Any:
+        if self.is_async:
+            return await getattr(self.session, method)(*args)
+        return await anyio.to_thread.run_sync(getattr(self.session, method), *args)
+
     async def execute(self, statement: Any) -> Any:
-        return await maybe(self.session.execute(statement))
+        return await self.run("execute", statement)
 
     async def add_user(self, name: str) -> None:
         self.session.add(User(name=name))
-        await maybe(self.session.flush())
+        await self.run("flush")
 
     async def commit(self) -> None:
-        await maybe(self.session.commit())
+        await self.run("commit")
+
+    async def save_user(self, name: str) -> None:
+        """Add and commit in one step: on SQLite a sync writer holds the one write lock
+        from its INSERT to its COMMIT, so both run in a single worker-thread hop; a second
+        hop could wait behind writers that wait for that very lock."""
+        self.session.add(User(name=name))
+        await self.run("commit")
 
     def current(self) -> Any:
         """The request's Session object (the sync one, for an AsyncSession)."""
@@ -92,7 +105,7 @@ def build_app(db: Db, commit: Any = "on_success", **options: Any) -> Starlette:
     async def commit_fails(request: Request) -> Response:
         await db.add_user(request.path_params["name"])
         db.session.add(Note(user_id=10**6, body="dangling: fails at COMMIT"))
-        await maybe(db.session.flush())
+        await db.run("flush")
         return PlainTextResponse("created", status_code=201)
 
     async def stream(request: Request) -> Response:
@@ -114,13 +127,15 @@ def build_app(db: Db, commit: Any = "on_success", **options: Any) -> Starlette:
 
         async def task() -> None:
             assert db.current() is session
-            await db.add_user(name)
-            await db.commit()
+            await db.save_user(name)
 
         return PlainTextResponse("accepted", status_code=202, background=BackgroundTask(task))
 
     async def slow(request: Request) -> Response:
-        await db.add_user(request.path_params["name"])
+        if "read" in request.query_params:
+            await db.execute(text("select 1"))
+        else:
+            await db.add_user(request.path_params["name"])
         await asyncio.sleep(float(request.query_params.get("seconds", 5)))
         return PlainTextResponse("slow")
 
@@ -132,8 +147,7 @@ def build_app(db: Db, commit: Any = "on_success", **options: Any) -> Starlette:
                 name = await ws.receive_text()
                 async with sessionmw.request_scope(db.session):
                     assert db.current() is not connection_session
-                    await db.add_user(name)
-                    await db.commit()
+                    await db.save_user(name)
                 await ws.send_text(name)
         except WebSocketDisconnect:
             pass

@@ -38,3 +38,32 @@ def wait_until(check: Any, timeout: float = 10.0, what: str = "condition") -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+@contextmanager
+def uvicorn_server(app: Any, on_stop: Any = None) -> Iterator[str]:
+    """uvicorn on 127.0.0.1 in a thread with its own event loop; ``on_stop`` runs on that loop."""
+    import asyncio
+
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                            lifespan="off", timeout_graceful_shutdown=10)
+    server = uvicorn.Server(config)
+
+    async def serve() -> None:
+        try:
+            await server.serve()
+        finally:
+            if on_stop is not None:
+                await on_stop()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, what="uvicorn to start")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
