@@ -48,8 +48,14 @@ def uvicorn_server(app: Any, on_stop: Any = None) -> Iterator[str]:
     import uvicorn
 
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            lifespan="off", timeout_graceful_shutdown=10)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="off",
+        timeout_graceful_shutdown=10,
+    )
     server = uvicorn.Server(config)
 
     async def serve() -> None:

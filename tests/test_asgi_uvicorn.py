@@ -21,10 +21,19 @@ from tests.models import Base, User
 from tests.servers import uvicorn_server, wait_until
 
 REQUESTS = 200
-KINDS = ["read"] * 3 + ["write"] * 3 + ["crash", "missing", "stream", "abandon", "cancel",
-                                         "background"]
-EXPECTED = {"read": 200, "write": 201, "crash": 500, "missing": 404, "stream": 200,
-            "abandon": 200, "cancel": None, "background": 202}
+KINDS = (
+    ["read"] * 3 + ["write"] * 3 + ["crash", "missing", "stream", "abandon", "cancel", "background"]
+)
+EXPECTED = {
+    "read": 200,
+    "write": 201,
+    "crash": 500,
+    "missing": 404,
+    "stream": 200,
+    "abandon": 200,
+    "cancel": None,
+    "background": 202,
+}
 
 
 async def one(client: httpx.AsyncClient, n: int, kind: str) -> tuple[str, int | None, str]:
@@ -93,8 +102,9 @@ def test_200_concurrent_requests_against_uvicorn(tmp_path: Path, kind: str) -> N
 
     got = Counter((k, status) for k, status, _ in results)
     assert got == Counter((k, EXPECTED[k]) for k, _, _ in results)
-    written = {name for k, status, name in results
-               if k in ("write", "background") and status in (201, 202)}
+    written = {
+        name for k, status, name in results if k in ("write", "background") and status in (201, 202)
+    }
     with engine.connect() as conn:
         assert set(conn.scalars(select(User.name))) == written
     # Each request that touched the database had its own Session, each closed exactly once.
