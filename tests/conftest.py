@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy import Engine, create_engine, event, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import scoped_session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 import sessionmw
 from tests.models import Base, Note, User
+from tests.postgres import REQUIRE_ENV, PostgresServer, start_server, stop_server
 
 
 class Tracker:
@@ -53,15 +57,53 @@ def sqlite_pragmas(engine: Engine) -> None:
         cursor.close()
 
 
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'app.db'}"
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the whole run."""
+    server = start_server()
+    if isinstance(server, str):
+        if os.environ.get(REQUIRE_ENV):
+            pytest.fail(f"{REQUIRE_ENV} is set but {server}")
+        pytest.skip(server)
+    yield server
+    stop_server(server)
+
+
+_databases = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A real database per test: a SQLite file, or a fresh database on the PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'app.db'}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres")
+    name = f"test_{os.getpid()}_{next(_databases)}"
+    admin = create_engine(server.url(), isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    yield server.url(database=name)
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
+    admin.dispose()
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def async_url(url: str) -> str:
+    if is_sqlite(url):
+        return url.replace("sqlite://", "sqlite+aiosqlite://", 1)
+    return url.replace("+psycopg://", "+asyncpg://", 1)
 
 
 @pytest.fixture
 def engine(db_url: str) -> Iterator[Engine]:
     engine = create_engine(db_url, pool_size=5, max_overflow=10, pool_timeout=5)
-    sqlite_pragmas(engine)
+    if is_sqlite(db_url):
+        sqlite_pragmas(engine)
     Base.metadata.create_all(engine)
     yield engine
     engine.dispose()
@@ -80,13 +122,9 @@ def Session(engine: Engine, tracker: Tracker) -> scoped_session[OrmSession]:
 
 @pytest.fixture
 async def async_engine(db_url: str, engine: Engine) -> Any:
-    aengine = create_async_engine(
-        db_url.replace("sqlite://", "sqlite+aiosqlite://"),
-        pool_size=5,
-        max_overflow=10,
-        pool_timeout=5,
-    )
-    sqlite_pragmas(aengine.sync_engine)
+    aengine = create_async_engine(async_url(db_url), pool_size=5, max_overflow=10, pool_timeout=5)
+    if is_sqlite(db_url):
+        sqlite_pragmas(aengine.sync_engine)
     yield aengine
     await aengine.dispose()
 
