@@ -18,7 +18,7 @@ class User(Base):
 
 
 class Note(Base):
-    __tablename__ = "notes"
+    __tablename__ = "user_notes"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     # Checked at COMMIT, not at INSERT: a note for a missing user fails the commit itself.
