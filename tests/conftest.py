@@ -78,7 +78,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'app.db'}"
         return
-    server: PostgresServer = request.getfixturevalue("postgres")
+    yield from _fresh_database(request.getfixturevalue("postgres"))
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> Iterator[str]:
+    """A fresh database on the PostgreSQL server, for the tests that are about PostgreSQL."""
+    yield from _fresh_database(postgres)
+
+
+def _fresh_database(server: PostgresServer) -> Iterator[str]:
     name = f"test_{os.getpid()}_{next(_databases)}"
     admin = create_engine(server.url(), isolation_level="AUTOCOMMIT", poolclass=NullPool)
     with admin.connect() as conn:

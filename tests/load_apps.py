@@ -12,7 +12,7 @@ import asyncio
 import os
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from sqlalchemy import text
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -36,8 +36,8 @@ def _url() -> str:
     return os.environ["DATABASE_URL"]
 
 
-def flask_app() -> Flask:
-    app = flask_example.create_app(_url(), **ENGINE_OPTIONS)
+def flask_app(**engine_options: Any) -> Flask:
+    app = flask_example.create_app(_url(), **{**ENGINE_OPTIONS, **engine_options})
     engine = app.config["ENGINE"]
     TestBase.metadata.create_all(engine)
     Session = flask_example.Session
@@ -51,7 +51,8 @@ def flask_app() -> Flask:
 
     @app.get("/slow")
     def slow() -> Any:
-        Session.execute(text("select pg_sleep(1)"))
+        seconds = float(request.args.get("seconds", 1))
+        Session.execute(text("select pg_sleep(:s)"), {"s": seconds})
         return jsonify(slept=True)
 
     @app.get("/_state")
@@ -61,8 +62,8 @@ def flask_app() -> Flask:
     return app
 
 
-def starlette_app() -> Starlette:
-    app = starlette_example.create_app(_url(), **ENGINE_OPTIONS)
+def starlette_app(**engine_options: Any) -> Starlette:
+    app = starlette_example.create_app(_url(), **{**ENGINE_OPTIONS, **engine_options})
     TestBase.metadata.create_all(app.state.engine)
     Session, AsyncSession = starlette_example.Session, starlette_example.AsyncSession
 
@@ -77,7 +78,8 @@ def starlette_app() -> Starlette:
         return JSONResponse({}, status_code=201)
 
     async def slow(request: Request) -> Response:
-        await request.state.adb.execute(text("select pg_sleep(1)"))
+        seconds = float(request.query_params.get("seconds", 1))
+        await request.state.adb.execute(text("select pg_sleep(:s)"), {"s": seconds})
         return JSONResponse({"slept": True})
 
     async def state(request: Request) -> Response:

@@ -55,19 +55,6 @@ EXPECTED = {
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def pg_url(postgres: Any) -> Iterator[str]:
-    """A fresh PostgreSQL database for one server run."""
-    name = f"load_{os.getpid()}_{free_port()}"
-    admin = create_engine(postgres.url(), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    yield postgres.url(database=name)
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
-    admin.dispose()
-
-
 @contextmanager
 def serve(command: list[str], url: str, port: int) -> Iterator[str]:
     env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
