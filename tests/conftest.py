@@ -20,6 +20,8 @@ import sessionmw
 from tests.models import Base, Note, User
 from tests.postgres import REQUIRE_ENV, PostgresServer, start_server, stop_server
 
+pytest_plugins = ["pytester"]
+
 
 class Tracker:
     """Every Session a factory made, and how often each was closed."""

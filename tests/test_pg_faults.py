@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -84,6 +85,8 @@ def check(
     base: str, url: str, column: Any, results: list[tuple[str, int | str]], kind: str
 ) -> None:
     statuses = {status for _, status in results}
+    counts = Counter(str(status) for _, status in results)
+    print(f"\nFAULT | {kind} | {dict(sorted(counts.items()))}")
     assert statuses <= {201, 500, 503}, statuses  # a 2xx or a 5xx; no hang, no reset
     acknowledged = {name for name, status in results if status == 201}
     # The app serves normally again.

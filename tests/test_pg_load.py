@@ -125,6 +125,15 @@ def check_statuses(results: list[list[Any]]) -> Counter[str]:
     return Counter(kind for kind, _, _ in results)
 
 
+def report(server: str, results: list[list[Any]], written: int) -> None:
+    """One line for RELIABILITY.md (shown with ``pytest -s``)."""
+    statuses = Counter(str(status) for _, status, _ in results)
+    print(
+        f"\nLOAD | {server} | {len(results)} requests, {CONCURRENCY} concurrent | "
+        f"{dict(sorted(statuses.items()))} | {written} acknowledged rows checked"
+    )
+
+
 def test_gunicorn_threads_serving_the_flask_example(pg_url: str, tmp_path: Path) -> None:
     port = free_port()
     command = [
@@ -159,6 +168,7 @@ def test_gunicorn_threads_serving_the_flask_example(pg_url: str, tmp_path: Path)
         check_servers_state(base, engine)
     kinds = check_statuses(results)
     written = {name for kind, status, name in results if kind == "write" and status == 201}
+    report("gunicorn gthread, Flask", results, len(written))
     with engine.connect() as conn:
         assert set(conn.scalars(select(Author.name))) == written | {"Dup"}
         assert conn.scalar(select(func.count()).select_from(Book)) == SEED_ROWS
@@ -197,6 +207,7 @@ def test_uvicorn_serving_the_starlette_example(pg_url: str, tmp_path: Path) -> N
     kinds = check_statuses(results)
     written = {name for kind, status, name in results if kind == "write" and status == 201}
     seeds = {"Dup"} | {f"seed {n}" for n in range(1, SEED_ROWS)}
+    report("uvicorn, Starlette (sync + async)", results, len(written))
     with engine.connect() as conn:
         assert set(conn.scalars(select(StarletteNote.title))) == written | seeds
         assert conn.scalar(select(func.count()).select_from(User)) == 0
