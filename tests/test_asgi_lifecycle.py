@@ -441,3 +441,14 @@ async def test_100_concurrent_sync_endpoints_on_a_pool_of_15_do_not_deadlock(
 async def _lines(response: httpx.Response) -> AsyncIterator[str]:
     async for line in response.aiter_lines():
         yield line
+
+
+async def test_debug_log_has_open_commit_and_remove(
+    db: Db, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, "sessionmw"):
+        async with client(build_app(db)) as c:
+            assert (await c.post("/write/logged")).status_code == 201
+    messages = [r.getMessage() for r in caplog.records if r.name == "sessionmw"]
+    assert messages[:2] == ["open POST /write/logged", "commit POST /write/logged"]
+    assert messages[2].startswith("remove POST /write/logged (status 201) after ")

@@ -378,3 +378,17 @@ def test_passes_wsgiref_validator_and_werkzeug_lint(
         assert response.get_data() == b"ab"
         response.close()
     assert_clean(Session, engine)
+
+
+def test_debug_log_has_open_commit_and_remove_with_method_path_and_duration(
+    Session: Any, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    mw = sessionmw.WSGISessionMiddleware(
+        writing_app(Session, "201 Created"), Session, commit="on_success"
+    )
+    with caplog.at_level(logging.DEBUG, "sessionmw"):
+        Server().get(mw, "/logged")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[:2] == ["open GET /logged", "commit GET /logged"]
+    assert messages[2].startswith("remove GET /logged (status 201) after ")
+    assert messages[2].endswith(" ms")

@@ -28,15 +28,23 @@ returned.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
-from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
 
-from .policy import Commit, CommitPolicy, commit_async, commit_sync, describe, log, warn_if_unsaved
+from .policy import (
+    Commit,
+    CommitPolicy,
+    commit_async,
+    commit_sync,
+    describe,
+    log,
+    log_open,
+    log_removed,
+    warn_if_unsaved,
+)
 from .scope import (
     RequestScope,
     ScopedSession,
@@ -156,7 +164,7 @@ class _Cycle:
         self._send = send
         self.status = 0
         self.failed = False
-        self.started = perf_counter() if log.isEnabledFor(logging.DEBUG) else 0.0
+        self.started = log_open(request)
 
     async def send(self, message: ASGISendEvent) -> None:
         kind = message["type"]
@@ -204,13 +212,7 @@ class _Cycle:
             await remove_async(middleware.session)  # type: ignore[arg-type]
         else:
             remove_sync(middleware.session)  # type: ignore[arg-type]
-        if self.started:
-            log.debug(
-                "remove %s (status %d) after %.1f ms",
-                describe(self.request),
-                self.status,
-                (perf_counter() - self.started) * 1000,
-            )
+        log_removed(self.request, self.status, self.started)
 
     async def _settle_websocket(self) -> None:
         """A websocket is decided when it ends: 101 if it was accepted, else 403."""

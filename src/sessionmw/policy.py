@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from time import perf_counter
 from typing import Any, Literal
 
 from sqlalchemy import event
@@ -70,6 +71,21 @@ def describe(request: RequestScope) -> str:
     if request.kind == "websocket":
         return f"WEBSOCKET {raw.get('path', '')}"
     return request.kind
+
+
+def log_open(request: RequestScope) -> float:
+    """Log the scope's opening at DEBUG; return its start time, or 0.0 when not logging."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return 0.0
+    log.debug("open %s", describe(request))
+    return perf_counter()
+
+
+def log_removed(request: RequestScope, status: int, started: float) -> None:
+    """Log the session's removal with the request's duration, if :func:`log_open` timed it."""
+    if started:
+        elapsed = (perf_counter() - started) * 1000
+        log.debug("remove %s (status %d) after %.1f ms", describe(request), status, elapsed)
 
 
 def commit_sync(session: Session, request: RequestScope) -> None:

@@ -18,15 +18,22 @@ close it on, so serve such apps through ``ASGISessionMiddleware``.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import scoped_session
 
-from .policy import Commit, CommitPolicy, commit_sync, describe, log, warn_if_unsaved
+from .policy import (
+    Commit,
+    CommitPolicy,
+    commit_sync,
+    describe,
+    log,
+    log_open,
+    log_removed,
+    warn_if_unsaved,
+)
 from .scope import RequestScope, _current, check_request_scoped, is_async, remove_sync
 
 if TYPE_CHECKING:
@@ -122,7 +129,7 @@ class _Response:
         self.status = 0
         self.failed = False
         self.closed = False
-        self.started = perf_counter() if log.isEnabledFor(logging.DEBUG) else 0.0
+        self.started = log_open(request)
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
@@ -190,13 +197,7 @@ class _Response:
         if self.middleware.policy.manual and not self.failed and 0 < self.status < 400:
             warn_if_unsaved(session.registry(), self.request)
         remove_sync(session)
-        if self.started:
-            log.debug(
-                "remove %s (status %d) after %.1f ms",
-                describe(self.request),
-                self.status,
-                (perf_counter() - self.started) * 1000,
-            )
+        log_removed(self.request, self.status, self.started)
 
     def __del__(self) -> None:
         if not self.closed:
