@@ -118,8 +118,8 @@ def test_proxied_methods_act_on_the_requests_session(Session: Any, engine: Engin
 
 
 def test_query_property_gives_each_request_its_own_query(Session: Any, engine: Engine) -> None:
-    class Person(User):
-        query = Session.query_property()
+    # A subclass with a fresh name per run: the test runs once per database.
+    Person: Any = type(f"Person{id(Session)}", (User,), {"query": Session.query_property()})
 
     with sessionmw.request_scope(Session):
         Session.add_all([User(name="a"), User(name="b")])

@@ -14,25 +14,27 @@ application's ``send`` call, so the error handlers (Starlette's
 ``ServerErrorMiddleware``, or the server) answer 500 and never a 2xx.
 
 Where the blocking work of a sync ``scoped_session`` runs, measured on a 2-core
-machine (see ``benchmarks/``): an untouched request does none.  ``close()`` of a
-session that holds a connection costs 15-40 µs on SQLite and one round trip on
-PostgreSQL, less than the ~120 µs of a hop to a worker thread, so it runs
-inline.  A commit that writes waits for the disk (``fsync``, milliseconds), so
-it is sent to a worker thread, on a limiter of this module's own: on anyio's
-shared 40-token limiter the commits of finished requests would queue behind
-endpoints that wait for the connections those very requests hold, a deadlock
-once more than 40 + pool-size requests are in flight.  Commits and closes are
-shielded from cancellation: a client that goes away still gets its connection
-returned.
+machine: an untouched request does none.  ``close()`` of a session that holds a
+connection took 15 µs (median) on a SQLite file, and a PostgreSQL rollback is
+one round trip on a local socket; a hop to a worker thread took 72 µs, so the
+close runs inline.  A commit that writes waits for the disk: 545 µs median on
+the same SQLite file (``fsync``), milliseconds on a busy PostgreSQL, so it runs
+in a worker thread of this module's own pool.  Not on anyio's shared 40-token
+limiter: there the commits of finished requests would queue behind endpoints
+that wait for the connections those very requests hold, a deadlock once more
+than 40 + pool-size requests are in flight.  Commits and closes are shielded
+from cancellation: a client that goes away still gets its connection returned.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
+from anyio.lowlevel import RunVar
 
 from .policy import (
     Commit,
@@ -43,9 +45,11 @@ from .policy import (
     log,
     log_open,
     log_removed,
+    track_unsaved_writes,
     warn_if_unsaved,
 )
 from .scope import (
+    TOKEN_KEY,
     RequestScope,
     ScopedSession,
     _current,
@@ -54,6 +58,7 @@ from .scope import (
     remove_async,
     remove_sync,
     run_shielded,
+    wait_out,
 )
 
 if TYPE_CHECKING:
@@ -71,18 +76,59 @@ __all__ = ["ASGISessionMiddleware"]
 #: Worker threads that may commit sync sessions at once, apart from anyio's default limiter.
 COMMIT_THREADS = 16
 
-_commit_limiter: anyio.CapacityLimiter | None = None
+_commit_limiter: RunVar[anyio.CapacityLimiter] = RunVar("sessionmw_commit_limiter")
 
 
 def _limiter() -> anyio.CapacityLimiter:
-    global _commit_limiter
-    if _commit_limiter is None:
-        _commit_limiter = anyio.CapacityLimiter(COMMIT_THREADS)
-    return _commit_limiter
+    try:
+        return _commit_limiter.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(COMMIT_THREADS)
+        _commit_limiter.set(limiter)
+        return limiter
 
 
 async def _commit_in_thread(session: Session, request: RequestScope) -> None:
-    await anyio.to_thread.run_sync(commit_sync, session, request, limiter=_limiter())
+    """Commit in a worker thread and wait until the thread has finished, cancelled or not.
+
+    Under asyncio the wait is on a future the thread itself resolves: a plain
+    ``Task.cancel()`` of every task (as ``asyncio.run`` does at shutdown) ends
+    anyio's wait early, and the session must not be closed while the thread is
+    still committing it.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio: anyio's shield holds
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(commit_sync, session, request, limiter=_limiter())
+        return
+    finished: asyncio.Future[None] = loop.create_future()
+
+    def commit_and_report() -> None:
+        try:
+            commit_sync(session, request)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_settle_future, finished, exc)
+        else:
+            loop.call_soon_threadsafe(_settle_future, finished, None)
+
+    with anyio.CancelScope(shield=True):
+        runner = asyncio.ensure_future(
+            anyio.to_thread.run_sync(commit_and_report, limiter=_limiter())
+        )
+        try:
+            await wait_out(finished)
+        finally:
+            await asyncio.gather(runner, return_exceptions=True)
+
+
+def _settle_future(future: asyncio.Future[None], exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is None:
+        future.set_result(None)
+    else:
+        future.set_exception(exc)
 
 
 class ASGISessionMiddleware:
@@ -111,6 +157,8 @@ class ASGISessionMiddleware:
         self.session = check_request_scoped(session, "ASGISessionMiddleware")
         self.is_async = is_async(session)
         self.policy = CommitPolicy(commit)
+        if self.policy.manual:
+            track_unsaved_writes(session)
         self.state_key = state_key
         self.scope_types = frozenset(scope_types)
         unknown = self.scope_types - {"http", "websocket"}
@@ -126,12 +174,14 @@ class ASGISessionMiddleware:
         if scope["type"] not in self.scope_types:
             await self.app(scope, receive, send)
             return
+        request: RequestScope
         outer = _current.get()
-        if outer is not None and outer.raw is scope:
+        if outer is not None and scope.get(TOKEN_KEY) is outer:
             request, token = outer, None  # stacked middlewares share one token
         else:
             request = RequestScope(scope["type"], scope)  # type: ignore[arg-type]
             token = _current.set(request)
+            scope[TOKEN_KEY] = request  # type: ignore[literal-required]
         state: dict[str, Any] | None = scope.get("state")
         if state is None:
             state = scope["state"] = {}
@@ -169,8 +219,13 @@ class _Cycle:
     async def send(self, message: ASGISendEvent) -> None:
         kind = message["type"]
         if kind == "http.response.start" or kind == "websocket.http.response.start":
+            status: int = message["status"]  # type: ignore[typeddict-item]
+            if self.failed and status < 400:
+                raise RuntimeError(
+                    f"refusing to start a {status} response: this request's commit failed"
+                )
             if not self.status:
-                self.status = message["status"]  # type: ignore[typeddict-item]
+                self.status = status
                 await self._settle()
         elif kind == "websocket.accept":
             self.status = 101
@@ -188,7 +243,7 @@ class _Cycle:
                 if self.middleware.is_async:
                     await run_shielded(commit_async, current, self.request)
                 else:
-                    await run_shielded(_commit_in_thread, current, self.request)
+                    await _commit_in_thread(current, self.request)
             except BaseException:
                 self.failed = True
                 raise
@@ -202,17 +257,20 @@ class _Cycle:
     async def end(self) -> None:
         """Settle a websocket, warn about unsaved work, and remove the session."""
         middleware = self.middleware
-        if self.request.kind == "websocket" and not self.failed:
-            await self._settle_websocket()
-        success = not self.failed and 0 < self.status < 400
-        if middleware.policy.manual and success:
-            current = middleware.session.registry()
-            warn_if_unsaved(current.sync_session if middleware.is_async else current, self.request)
-        if middleware.is_async:
-            await remove_async(middleware.session)  # type: ignore[arg-type]
-        else:
-            remove_sync(middleware.session)  # type: ignore[arg-type]
-        log_removed(self.request, self.status, self.started)
+        try:
+            if self.request.kind == "websocket" and not self.failed:
+                await self._settle_websocket()
+            if middleware.policy.manual and not self.failed and 0 < self.status < 400:
+                current = middleware.session.registry()
+                warn_if_unsaved(
+                    current.sync_session if middleware.is_async else current, self.request
+                )
+        finally:
+            if middleware.is_async:
+                await remove_async(middleware.session)  # type: ignore[arg-type]
+            else:
+                remove_sync(middleware.session)  # type: ignore[arg-type]
+            log_removed(self.request, self.status, self.started)
 
     async def _settle_websocket(self) -> None:
         """A websocket is decided when it ends: 101 if it was accepted, else 403."""

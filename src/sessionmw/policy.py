@@ -13,10 +13,10 @@ from time import perf_counter
 from typing import Any, Literal
 
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, SessionTransaction
 
-from .scope import RequestScope
+from .scope import RequestScope, ScopedSession
 
 __all__ = ["Commit", "CommitPolicy", "commit_async", "commit_sync", "describe"]
 
@@ -51,8 +51,6 @@ class CommitPolicy:
             )
         self._rule = rule
         self.manual = rule is None
-        if self.manual:
-            _track_unsaved_writes()
 
     def should_commit(self, status: int, request: RequestScope) -> bool:
         """Commit only if the policy accepts ``status`` and nobody called set_rollback()."""
@@ -129,8 +127,16 @@ def _clear_unsaved(session: Session, transaction: SessionTransaction) -> None:
         session.info.pop(_UNSAVED, None)
 
 
-def _track_unsaved_writes() -> None:
-    """Remember flushed-but-uncommitted ORM writes, for :func:`warn_if_unsaved`."""
-    if not event.contains(Session, "after_flush", _mark_unsaved):
-        event.listen(Session, "after_flush", _mark_unsaved)
-        event.listen(Session, "after_transaction_end", _clear_unsaved)
+def track_unsaved_writes(session: ScopedSession) -> None:
+    """Remember flushed-but-uncommitted ORM writes of ``session``'s factory, for
+    :func:`warn_if_unsaved`; only the flushes of that factory's sessions pay for it."""
+    factory: Any = session.session_factory
+    if isinstance(factory, async_sessionmaker):
+        # An AsyncSession's events live on its sync Session class (by default the
+        # ``Session`` class itself, so then every flush in the process is watched).
+        target = factory.kw.get("sync_session_class") or factory.class_.sync_session_class
+    else:
+        target = factory
+    if not event.contains(target, "after_flush", _mark_unsaved):
+        event.listen(target, "after_flush", _mark_unsaved)
+        event.listen(target, "after_transaction_end", _clear_unsaved)

@@ -83,6 +83,10 @@ class RequestScope:
 
 _current: ContextVar[RequestScope | None] = ContextVar("sessionmw.request", default=None)
 
+#: Where a middleware leaves the request's token in the environ or ASGI scope, so a
+#: middleware stacked inside it (even behind one that copies the dict) shares the token.
+TOKEN_KEY = "sessionmw.request"
+
 _NO_SCOPE = (
     "No request scope is active. Wrap the application with "
     "sessionmw.WSGISessionMiddleware or sessionmw.ASGISessionMiddleware, or open "
@@ -183,20 +187,29 @@ async def run_shielded(func: Callable[..., Awaitable[_T]], *args: Any) -> _T:
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # not asyncio: the shielded scope is enough
-            return await func(*args)
-        work = asyncio.ensure_future(func(*args))
-        cancelled = False
-        while True:
-            try:
-                result = await asyncio.shield(work)
-                break
-            except asyncio.CancelledError:
-                if work.done():
-                    raise
-                cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
+            result = await func(*args)
+        else:
+            result = await wait_out(asyncio.ensure_future(func(*args)))
     return result
+
+
+async def wait_out(work: asyncio.Future[_T]) -> _T:
+    """Await ``work`` until it is done, however often the caller is cancelled meanwhile.
+
+    Then the caller's first cancellation is re-raised (a failure of ``work``
+    that nobody can receive any more is logged), else ``work``'s outcome.
+    """
+    cancelled: asyncio.CancelledError | None = None
+    while not work.done():
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError as exc:
+            cancelled = cancelled or exc
+    if cancelled is not None:
+        if not work.cancelled() and work.exception() is not None:
+            log.error("cleanup failed while its request was cancelled", exc_info=work.exception())
+        raise cancelled
+    return work.result()
 
 
 async def remove_async(session: async_scoped_session[Any]) -> None:

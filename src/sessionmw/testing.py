@@ -53,12 +53,16 @@ def _engine_of(session: ScopedSession) -> Engine | AsyncEngine:
 
 def assert_no_leaks(sessions: Sequence[ScopedSession]) -> None:
     """No Session left in any registry; no connection out of any pool but a test transaction's."""
+    sessions = [check_request_scoped(s, "assert_no_leaks()") for s in sessions]
     for session in sessions:
         leftover = session.registry.registry
         assert not leftover, f"sessions were never removed: {leftover!r}"
     for engine in {_engine_of(s) for s in sessions}:
         pool = engine.sync_engine.pool if isinstance(engine, AsyncEngine) else engine.pool
-        checked_out = pool.checkedout()  # type: ignore[attr-defined]
+        counter = getattr(pool, "checkedout", None)
+        if counter is None:  # SingletonThreadPool, StaticPool: nothing to count
+            continue
+        checked_out = counter()
         assert checked_out <= _held[engine], (
             f"{checked_out} connection(s) still checked out of {engine}"
         )
@@ -96,17 +100,21 @@ class bind_to_transaction:  # noqa: N801 - a context manager, used like a functi
         self._saved.clear()
 
     def __enter__(self) -> bind_to_transaction:
-        for session in self.sessions:
-            if is_async(session):
-                raise TypeError(
-                    "an async_scoped_session needs `async with bind_to_transaction(...)`, "
-                    "or the async_sessionmw_transaction fixture."
-                )
-            engine = _engine_of(session)
-            if engine not in self._connections:
-                self._connections[engine] = _begin_sync(engine)  # type: ignore[arg-type]
-                _held[engine] += 1
-            self._bind(session, self._connections[engine])
+        engines = [_engine_of(s) for s in self.sessions]  # refuse bad input before any change
+        if any(is_async(s) for s in self.sessions):
+            raise TypeError(
+                "an async_scoped_session needs `async with bind_to_transaction(...)`, "
+                "or the async_sessionmw_transaction fixture."
+            )
+        try:
+            for session, engine in zip(self.sessions, engines, strict=True):
+                if engine not in self._connections:
+                    self._connections[engine] = _begin_sync(engine)  # type: ignore[arg-type]
+                    _held[engine] += 1
+                self._bind(session, self._connections[engine])
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -117,15 +125,19 @@ class bind_to_transaction:  # noqa: N801 - a context manager, used like a functi
         self._connections.clear()
 
     async def __aenter__(self) -> bind_to_transaction:
-        for session in self.sessions:
-            engine = _engine_of(session)
-            if engine not in self._connections:
-                if isinstance(engine, AsyncEngine):
-                    self._connections[engine] = await _begin_async(engine)
-                else:
-                    self._connections[engine] = _begin_sync(engine)
-                _held[engine] += 1
-            self._bind(session, self._connections[engine])
+        engines = [_engine_of(s) for s in self.sessions]  # refuse bad input before any change
+        try:
+            for session, engine in zip(self.sessions, engines, strict=True):
+                if engine not in self._connections:
+                    if isinstance(engine, AsyncEngine):
+                        self._connections[engine] = await _begin_async(engine)
+                    else:
+                        self._connections[engine] = _begin_sync(engine)
+                    _held[engine] += 1
+                self._bind(session, self._connections[engine])
+        except BaseException:
+            await self.__aexit__()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -141,21 +153,31 @@ class bind_to_transaction:  # noqa: N801 - a context manager, used like a functi
 
 def _begin_sync(engine: Engine) -> Connection:
     connection = engine.connect()
-    _begin(connection)
+    try:
+        _begin(connection)
+    except BaseException:
+        connection.close()
+        raise
     return connection
+
+
+_SAVED_LEVEL = "sessionmw.isolation_level"
 
 
 def _begin(connection: Connection) -> None:
     connection.begin()
     if _is_pysqlite(connection.engine):
-        connection.connection.driver_connection.isolation_level = None  # type: ignore[union-attr]
+        driver = connection.connection.driver_connection
+        connection.info[_SAVED_LEVEL] = driver.isolation_level  # type: ignore[union-attr]
+        driver.isolation_level = None  # type: ignore[union-attr]
         connection.exec_driver_sql("BEGIN")
 
 
 def _rollback(connection: Connection) -> None:
     connection.rollback()
-    if _is_pysqlite(connection.engine):
-        connection.connection.driver_connection.isolation_level = ""  # type: ignore[union-attr]
+    if _SAVED_LEVEL in connection.info:
+        level = connection.info.pop(_SAVED_LEVEL)
+        connection.connection.driver_connection.isolation_level = level  # type: ignore[union-attr]
 
 
 def _rollback_sync(connection: Connection) -> None:
@@ -167,7 +189,11 @@ def _rollback_sync(connection: Connection) -> None:
 
 async def _begin_async(engine: AsyncEngine) -> AsyncConnection:
     connection = await engine.connect()
-    await connection.run_sync(_begin)
+    try:
+        await connection.run_sync(_begin)
+    except BaseException:
+        await connection.close()
+        raise
     return connection
 
 

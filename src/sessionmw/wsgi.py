@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy.orm import scoped_session
 
@@ -32,9 +32,17 @@ from .policy import (
     log,
     log_open,
     log_removed,
+    track_unsaved_writes,
     warn_if_unsaved,
 )
-from .scope import RequestScope, _current, check_request_scoped, is_async, remove_sync
+from .scope import (
+    TOKEN_KEY,
+    RequestScope,
+    _current,
+    check_request_scoped,
+    is_async,
+    remove_sync,
+)
 
 if TYPE_CHECKING:
     from _typeshed import OptExcInfo
@@ -72,17 +80,20 @@ class WSGISessionMiddleware:
         self.app = app
         self.session = session
         self.policy = CommitPolicy(commit)
+        if self.policy.manual:
+            track_unsaved_writes(session)
         self.environ_key = environ_key
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        outer = _current.get()
-        if outer is not None and outer.raw is environ:
-            request, token = outer, None  # stacked middlewares share one token
+        request: RequestScope | None = _current.get()
+        if request is not None and request is environ.get(TOKEN_KEY):
+            token = None  # stacked middlewares share one token
         else:
             request = RequestScope("wsgi", environ)
             token = _current.set(request)
+            environ[TOKEN_KEY] = request
         environ[self.environ_key] = self.session
-        response = _Response(self, request, start_response)
+        response = _Response(self, cast(RequestScope, request), start_response)
         try:
             response.body = self.app(environ, response.start_response)
         except BaseException:
@@ -93,6 +104,15 @@ class WSGISessionMiddleware:
             if token is not None:
                 _current.reset(token)
         return response
+
+
+def _status_code(status: str) -> int:
+    try:
+        return int(status[:3])
+    except ValueError:
+        raise ValueError(
+            f"start_response() got the status {status!r}; a WSGI status is a string like '200 OK'."
+        ) from None
 
 
 class _Response:
@@ -134,11 +154,14 @@ class _Response:
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
     ) -> Callable[[bytes], object]:
+        code = _status_code(status)
         if exc_info is not None:
             self.failed = True
-            self.status = int(status[:3])
+            self.status = code
+        elif self.failed and code < 400:
+            raise RuntimeError(f"refusing to send {status!r}: this request's commit failed")
         elif not self.status:
-            self.status = int(status[:3])
+            self.status = code
             self._settle()
         return self._start_response(status, headers, exc_info)
 
@@ -158,6 +181,8 @@ class _Response:
             log.debug("rollback %s (status %d)", describe(self.request), self.status)
 
     def __iter__(self) -> Iterator[bytes]:
+        if isinstance(self.body, (list, tuple)):
+            return iter(self.body)  # no app code runs while it is read: no scope needed
         return self
 
     def __next__(self) -> bytes:
@@ -201,11 +226,13 @@ class _Response:
 
     def __del__(self) -> None:
         if not self.closed:
-            warnings.warn(
-                f"the response to {describe(self.request)} was never closed; its session is "
-                "removed now. WSGI servers call close(); with a test client, close the "
-                "response or pass buffered=True.",
-                ResourceWarning,
-                stacklevel=1,
-            )
-            self.close()
+            try:
+                self.close()
+            finally:
+                warnings.warn(
+                    f"the response to {describe(self.request)} was never closed; its session "
+                    "was removed when it was collected. WSGI servers call close(); with a "
+                    "test client, close the response or pass buffered=True.",
+                    ResourceWarning,
+                    stacklevel=1,
+                )
