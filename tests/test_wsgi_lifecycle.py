@@ -392,3 +392,27 @@ def test_debug_log_has_open_commit_and_remove_with_method_path_and_duration(
     assert messages[:2] == ["open GET /logged", "commit GET /logged"]
     assert messages[2].startswith("remove GET /logged (status 201) after ")
     assert messages[2].endswith(" ms")
+
+
+def test_iterating_the_response_twice_does_not_restart_the_body(
+    Session: Any, engine: Engine
+) -> None:
+    """Werkzeug's test client calls iter() on the response more than once."""
+
+    class Body:
+        def __init__(self) -> None:
+            self.chunks = [b"a", b"b"]
+
+        def __iter__(self) -> Iterator[bytes]:
+            return iter(self.chunks)
+
+    def app(environ: Any, start_response: Any) -> Body:
+        text_response(start_response)
+        return Body()
+
+    body = Server().call(sessionmw.WSGISessionMiddleware(app, Session))
+    first = next(iter(body))
+    rest = list(iter(body))
+    body.close()  # type: ignore[attr-defined]
+    assert [first, *rest] == [b"a", b"b"]
+    assert_clean(Session, engine)

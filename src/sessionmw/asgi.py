@@ -54,10 +54,11 @@ from .scope import (
     ScopedSession,
     _current,
     check_request_scoped,
+    discard_async,
+    discard_sync,
     is_async,
-    remove_async,
-    remove_sync,
     run_shielded,
+    session_of,
     wait_out,
 )
 
@@ -194,11 +195,12 @@ class ASGISessionMiddleware:
             raise
         finally:
             try:
-                if self.session.registry.has():
+                if session_of(self.session, request) is not None:
                     await cycle.end()
             finally:
                 if token is not None:
                     _current.reset(token)
+                    del scope[TOKEN_KEY]  # type: ignore[misc]  # no cycle scope <-> token
 
 
 class _Cycle:
@@ -226,18 +228,18 @@ class _Cycle:
                 )
             if not self.status:
                 self.status = status
-                await self._settle()
+                if not self.middleware.policy.manual:
+                    await self._settle()
         elif kind == "websocket.accept":
             self.status = 101
         await self._send(message)
 
     async def _settle(self) -> None:
         """Commit or roll back before the response starts; a failed commit raises here."""
-        session = self.middleware.session
-        if not session.registry.has():
+        current = session_of(self.middleware.session, self.request)
+        if current is None:
             return
         policy = self.middleware.policy
-        current = session.registry()
         if policy.should_commit(self.status, self.request):
             try:
                 if self.middleware.is_async:
@@ -247,7 +249,7 @@ class _Cycle:
             except BaseException:
                 self.failed = True
                 raise
-        elif not policy.manual:
+        else:
             if self.middleware.is_async:
                 await run_shielded(current.rollback)
             else:
@@ -261,15 +263,15 @@ class _Cycle:
             if self.request.kind == "websocket" and not self.failed:
                 await self._settle_websocket()
             if middleware.policy.manual and not self.failed and 0 < self.status < 400:
-                current = middleware.session.registry()
+                current = session_of(middleware.session, self.request)
                 warn_if_unsaved(
                     current.sync_session if middleware.is_async else current, self.request
                 )
         finally:
             if middleware.is_async:
-                await remove_async(middleware.session)  # type: ignore[arg-type]
+                await discard_async(middleware.session, self.request)  # type: ignore[arg-type]
             else:
-                remove_sync(middleware.session)  # type: ignore[arg-type]
+                discard_sync(middleware.session, self.request)  # type: ignore[arg-type]
             log_removed(self.request, self.status, self.started)
 
     async def _settle_websocket(self) -> None:
@@ -277,5 +279,5 @@ class _Cycle:
         if not self.status:
             self.status = 403
             return
-        if self.status == 101:
+        if self.status == 101 and not self.middleware.policy.manual:
             await self._settle()

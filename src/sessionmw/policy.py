@@ -110,7 +110,15 @@ async def commit_async(session: AsyncSession, request: RequestScope) -> None:
 
 def warn_if_unsaved(session: Session, request: RequestScope) -> None:
     """Under ``"manual"``, warn when a successful request leaves ORM writes uncommitted."""
-    if session.new or session.dirty or session.deleted or session.info.get(_UNSAVED):
+    flushed = session.info.get(_UNSAVED)
+    # Session.new/.dirty/.deleted build a set on every call; the containers behind them
+    # tell for free whether there can be anything at all (True if they ever go away).
+    maybe_pending = (
+        getattr(session, "_new", True)
+        or getattr(session, "_deleted", True)
+        or getattr(session.identity_map, "_modified", True)
+    )
+    if flushed or (maybe_pending and (session.new or session.dirty or session.deleted)):
         log.warning(
             "%s succeeded but its session has uncommitted changes, which are now rolled "
             "back; call Session.commit() or use commit='on_success'",

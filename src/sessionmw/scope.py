@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
@@ -163,15 +163,47 @@ def check_request_scoped(session: object, owner: str) -> ScopedSession:
     return session
 
 
-def remove_sync(session: scoped_session[Any]) -> None:
-    """Close and forget this scope's Session; the registry entry goes even if close fails."""
+def session_of(proxy: ScopedSession, request: RequestScope) -> Any:
+    """The Session ``request`` holds in ``proxy``'s registry, or ``None``; creates nothing."""
+    return proxy.registry.registry.get(request)
+
+
+def discard_sync(proxy: scoped_session[Any], request: RequestScope) -> None:
+    """What ``Session.remove()`` does for ``request``: close its Session (rolling back what
+    was not committed), then forget it; forgotten even if the close fails."""
+    registry = proxy.registry.registry
+    session = registry.get(request)
+    if session is None:
+        return
     try:
-        session.remove()
+        session.close()
     except Exception:
         log.error("closing the session failed", exc_info=True)
         raise
     finally:
-        session.registry.clear()
+        registry.pop(request, None)
+
+
+async def discard_async(proxy: async_scoped_session[Any], request: RequestScope) -> None:
+    """:func:`discard_sync` for an ``async_scoped_session``.
+
+    A close that may do I/O is shielded from cancellation (:func:`run_shielded`);
+    one of a session that never began a transaction does none and is awaited as is.
+    """
+    registry = proxy.registry.registry
+    session = registry.get(request)
+    if session is None:
+        return
+    try:
+        if session.sync_session.in_transaction():
+            await run_shielded(session.close)
+        else:
+            await session.close()
+    except Exception:
+        log.error("closing the session failed", exc_info=True)
+        raise
+    finally:
+        registry.pop(request, None)
 
 
 async def run_shielded(func: Callable[..., Awaitable[_T]], *args: Any) -> _T:
@@ -212,29 +244,6 @@ async def wait_out(work: asyncio.Future[_T]) -> _T:
     return work.result()
 
 
-async def remove_async(session: async_scoped_session[Any]) -> None:
-    """:func:`remove_sync` for an ``async_scoped_session``, shielded from cancellation."""
-    try:
-        await run_shielded(session.remove)
-    except Exception:
-        log.error("closing the session failed", exc_info=True)
-        raise
-    finally:
-        session.registry.clear()
-
-
-def remove_all_sync(sessions: Iterable[scoped_session[Any]]) -> None:
-    """Remove every session, even when one fails; re-raise the first failure."""
-    failure: BaseException | None = None
-    for session in sessions:
-        try:
-            remove_sync(session)
-        except BaseException as exc:
-            failure = failure or exc
-    if failure is not None:
-        raise failure
-
-
 class request_scope:  # noqa: N801 - used like contextlib's lowercase managers
     """Open a request scope outside a web request, or a child scope inside one.
 
@@ -249,6 +258,7 @@ class request_scope:  # noqa: N801 - used like contextlib's lowercase managers
     def __init__(self, *sessions: ScopedSession) -> None:
         self.sessions = tuple(check_request_scoped(s, "request_scope()") for s in sessions)
         self._token: Token[RequestScope | None] | None = None
+        self._scope: RequestScope | None = None
 
     def _open(self) -> RequestScope:
         if self._token is not None:
@@ -258,6 +268,7 @@ class request_scope:  # noqa: N801 - used like contextlib's lowercase managers
             scope = RequestScope("script")
         else:
             scope = RequestScope(parent.kind, parent.raw, parent)
+        self._scope = scope
         self._token = _current.set(scope)
         return scope
 
@@ -277,10 +288,15 @@ class request_scope:  # noqa: N801 - used like contextlib's lowercase managers
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        try:
-            remove_all_sync(self.sessions)  # type: ignore[arg-type]
-        finally:
-            self._close()
+        failure: BaseException | None = None
+        for session in self.sessions:
+            try:
+                discard_sync(session, self._scope)  # type: ignore[arg-type]
+            except BaseException as error:
+                failure = failure or error
+        self._close()
+        if failure is not None:
+            raise failure
 
     async def __aenter__(self) -> RequestScope:
         return self._open()
@@ -295,11 +311,11 @@ class request_scope:  # noqa: N801 - used like contextlib's lowercase managers
         for session in self.sessions:
             try:
                 if is_async(session):
-                    await remove_async(session)  # type: ignore[arg-type]
+                    await discard_async(session, self._scope)  # type: ignore[arg-type]
                 else:
-                    remove_sync(session)  # type: ignore[arg-type]
-            except BaseException as exc:
-                failure = failure or exc
+                    discard_sync(session, self._scope)  # type: ignore[arg-type]
+            except BaseException as error:
+                failure = failure or error
         self._close()
         if failure is not None:
             raise failure

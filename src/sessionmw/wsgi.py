@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextvars import Context, copy_context
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy.orm import scoped_session
@@ -40,8 +41,9 @@ from .scope import (
     RequestScope,
     _current,
     check_request_scoped,
+    discard_sync,
     is_async,
-    remove_sync,
+    session_of,
 )
 
 if TYPE_CHECKING:
@@ -85,24 +87,25 @@ class WSGISessionMiddleware:
         self.environ_key = environ_key
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        request: RequestScope | None = _current.get()
-        if request is not None and request is environ.get(TOKEN_KEY):
-            token = None  # stacked middlewares share one token
+        # The request runs in a context of its own: the server's context never holds
+        # the token, so nothing can leak into the next request of this thread.
+        context = copy_context()
+        outer = context.get(_current)
+        request: RequestScope
+        if outer is not None and outer is environ.get(TOKEN_KEY):
+            request, owner = cast(RequestScope, outer), False  # stacked: share the token
         else:
-            request = RequestScope("wsgi", environ)
-            token = _current.set(request)
+            request, owner = RequestScope("wsgi", environ), True
+            context.run(_current.set, request)
             environ[TOKEN_KEY] = request
         environ[self.environ_key] = self.session
-        response = _Response(self, cast(RequestScope, request), start_response)
+        response = _Response(self, request, context, owner, start_response)
         try:
-            response.body = self.app(environ, response.start_response)
+            response.body = context.run(self.app, environ, response.start_response)
         except BaseException:
             response.failed = True
             response.close()
             raise
-        finally:
-            if token is not None:
-                _current.reset(token)
         return response
 
 
@@ -116,15 +119,17 @@ def _status_code(status: str) -> int:
 
 
 class _Response:
-    """The app's response iterable: re-enters the request scope for each chunk, ends it on close.
+    """The app's response iterable: each chunk is made in the request's context; close ends it.
 
-    The token is not left in the server's context between chunks, so a server
-    (or a test client) that never closes the iterable leaks no token into the
-    next request; the Session is then removed when the iterable is collected.
+    A server (or a test client) that never closes the iterable leaves no token
+    behind, since the token only ever lives in the request's own context; the
+    Session is then removed when the iterable is collected.
     """
 
     __slots__ = (
         "_chunks",
+        "_context",
+        "_owner",
         "_start_response",
         "body",
         "closed",
@@ -139,10 +144,14 @@ class _Response:
         self,
         middleware: WSGISessionMiddleware,
         request: RequestScope,
+        context: Context,
+        owner: bool,
         start_response: StartResponse,
     ) -> None:
         self.middleware = middleware
         self.request = request
+        self._context = context
+        self._owner = owner
         self._start_response = start_response
         self.body: Iterable[bytes] = ()
         self._chunks: Iterator[bytes] | None = None
@@ -162,70 +171,62 @@ class _Response:
             raise RuntimeError(f"refusing to send {status!r}: this request's commit failed")
         elif not self.status:
             self.status = code
-            self._settle()
+            if not self.middleware.policy.manual:
+                self._settle()
         return self._start_response(status, headers, exc_info)
 
     def _settle(self) -> None:
         """Commit or roll back, now that the status is known and before the server sees it."""
-        session = self.middleware.session
-        if not session.registry.has():
+        session = session_of(self.middleware.session, self.request)
+        if session is None:
             return
         if self.middleware.policy.should_commit(self.status, self.request):
             try:
-                commit_sync(session.registry(), self.request)
+                commit_sync(session, self.request)
             except BaseException:
                 self.failed = True
                 raise
-        elif not self.middleware.policy.manual:
-            session.registry().rollback()
+        else:
+            session.rollback()
             log.debug("rollback %s (status %d)", describe(self.request), self.status)
 
     def __iter__(self) -> Iterator[bytes]:
         if isinstance(self.body, (list, tuple)):
-            return iter(self.body)  # no app code runs while it is read: no scope needed
+            return iter(self.body)  # no app code runs while it is read: no context needed
+        if self._chunks is None:
+            self._chunks = iter(self.body)
         return self
 
     def __next__(self) -> bytes:
-        token = _current.set(self.request)
-        try:
-            if self._chunks is None:
-                self._chunks = iter(self.body)
-            return next(self._chunks)
-        except StopIteration:
-            raise
-        except BaseException:
-            self.failed = True
-            raise
-        finally:
-            _current.reset(token)
+        return self._context.run(next, self._chunks)  # type: ignore[arg-type]
 
     def close(self) -> None:
         """Close the app's iterable, then remove the session; once, however often called."""
         if self.closed:
             return
         self.closed = True
-        token = _current.set(self.request)
         try:
             close = getattr(self.body, "close", None)
             if close is not None:
-                close()
+                self._context.run(close)
         finally:
-            try:
-                self._end()
-            finally:
-                _current.reset(token)
+            self._end()
 
     def _end(self) -> None:
-        session = self.middleware.session
-        if not session.registry.has():
+        if self._owner:
+            environ = self.request.raw
+            if environ.get(TOKEN_KEY) is self.request:
+                del environ[TOKEN_KEY]  # no cycle between the environ and its token
+        session = session_of(self.middleware.session, self.request)
+        if session is None:
             return
         if self.middleware.policy.manual and not self.failed and 0 < self.status < 400:
-            warn_if_unsaved(session.registry(), self.request)
-        remove_sync(session)
+            warn_if_unsaved(session, self.request)
+        discard_sync(self.middleware.session, self.request)
         log_removed(self.request, self.status, self.started)
 
     def __del__(self) -> None:
-        if not self.closed:
+        if not self.closed and warnings is not None:  # not at interpreter shutdown
             try:
                 self.close()
             finally:
