@@ -258,7 +258,11 @@ def cpu_model() -> str:
 
 
 def sessionmw_revision() -> str:
-    """The commit measured, and whether the package had local changes then."""
+    """The checkout's commit, whether src/ had local changes, and where sessionmw came from."""
+    import sessionmw
+
+    source = Path(sessionmw.__file__).resolve().parent
+    elsewhere = "" if source == ROOT / "src" / "sessionmw" else f" (imported from {source})"
     try:
         head = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
@@ -273,8 +277,8 @@ def sessionmw_revision() -> str:
             check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{head} + uncommitted changes in src/" if dirty else head
+        return "unknown" + elsewhere
+    return head + (" + uncommitted changes in src/" if dirty else "") + elsewhere
 
 
 def machine() -> dict[str, str]:

@@ -78,7 +78,7 @@ def build_all(
                     wsgi_check(ready.app, path, body)
         except Exception as exc:
             if isinstance(exc, ImportError):
-                unavailable[variant.key] = f"not installed: {exc.name or reason(exc)}"
+                unavailable[variant.key] = f"cannot import {exc.name}" if exc.name else reason(exc)
             else:
                 unavailable[variant.key] = reason(exc)
                 traceback.print_exc()

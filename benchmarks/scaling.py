@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from common import NO_DB, ONE_QUERY, Samples, asgi_batch
@@ -60,7 +61,9 @@ class Point:
         }
 
 
-def _memory(loop: asyncio.AbstractEventLoop, run: Callable[[], Any]) -> tuple[float, float]:
+def _memory(
+    loop: asyncio.AbstractEventLoop, run: Callable[[], Awaitable[float]]
+) -> tuple[float, float]:
     """(Peak, retained) KiB above what was allocated before ``run``."""
     gc.collect()
     tracemalloc.start()
@@ -114,7 +117,7 @@ def concurrency_sweep(
             continue
         ready = built[point.variant]
         point.peak_kib, point.retained_kib = _memory(
-            loop, lambda ready=ready, level=point.x: asgi_batch(ready.app, ONE_QUERY, level, level)
+            loop, partial(asgi_batch, ready.app, ONE_QUERY, point.x, point.x)
         )
         sessions, conns = ready.leftovers()
         point.sessions_left = max(point.sessions_left, sessions)
@@ -142,7 +145,7 @@ def growth_sweep(
     for point in points:
         ready = built[point.variant]
         point.peak_kib, point.retained_kib = _memory(
-            loop, lambda ready=ready, n=point.x: asgi_batch(ready.app, NO_DB, n)
+            loop, partial(asgi_batch, ready.app, NO_DB, point.x)
         )
         sessions, conns = ready.leftovers()
         point.sessions_left = max(point.sessions_left, sessions)

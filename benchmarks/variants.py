@@ -11,22 +11,24 @@ Peers are imported inside their builders: a peer that is missing or broken makes
 app as the hand-written reference, so their rows differ from it only in session handling.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: FastAPI reads the ``Annotated[...,
+# Depends(local_function)]`` of the endpoints below at run time, which needs them evaluated.
 
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from common import ITEM_NAME, Item, async_url, sync_url
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
+    async_scoped_session,
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 import sessionmw
 
@@ -80,12 +82,20 @@ def _text(body: str) -> Any:
     return PlainTextResponse(body)
 
 
+#: One pool size for every engine, larger than the 50 requests in flight of the concurrent
+#: runs: a run measures session handling, not waiting for a connection. (With the default
+#: 5 + 10, a sync Session held across an ``await`` with async endpoints blocks the event loop
+#: in the pool's checkout once 15 requests hold one.) The short timeout makes such a stall
+#: fail a cell in seconds instead of hanging the run.
+POOL = {"pool_size": 20, "max_overflow": 40, "pool_timeout": 5}
+
+
 def _sync_engine(db: Path) -> Engine:
-    return create_engine(sync_url(db))
+    return create_engine(sync_url(db), **POOL)
 
 
 def _async_engine(db: Path) -> AsyncEngine:
-    return create_async_engine(async_url(db))
+    return create_async_engine(async_url(db), **POOL)
 
 
 # --- Starlette ------------------------------------------------------------------------------
@@ -141,7 +151,7 @@ def starlette_sessionmw_sync(db: Path) -> Built:
     from starlette.middleware import Middleware
 
     engine = _sync_engine(db)
-    scoped = sessionmw.request_scoped(sessionmaker(engine))
+    scoped = cast("scoped_session[Session]", sessionmw.request_scoped(sessionmaker(engine)))
 
     async def one(request: Any) -> Any:
         item = request.state.db.get(Item, 1)
@@ -155,7 +165,9 @@ def starlette_sessionmw_async(db: Path) -> Built:
     from starlette.middleware import Middleware
 
     engine = _async_engine(db)
-    scoped = sessionmw.request_scoped(async_sessionmaker(engine))
+    scoped = cast(
+        "async_scoped_session[AsyncSession]", sessionmw.request_scoped(async_sessionmaker(engine))
+    )
 
     async def one(request: Any) -> Any:
         item = await request.state.db.get(Item, 1)
@@ -174,6 +186,7 @@ def starlette_fastapi_sqlalchemy(db: Path) -> Built:
 
     async def one(request: Any) -> Any:
         item = peer_db.session.get(Item, 1)
+        assert item is not None
         return _text(item.name)
 
     mw = [Middleware(DBSessionMiddleware, custom_engine=engine)]
@@ -233,18 +246,14 @@ def starlette_advanced_alchemy_async(db: Path) -> Built:
 def _fastapi(dependency: Callable[..., Any] | None, one: Callable[..., Any]) -> Any:
     from fastapi import Depends, FastAPI
 
+    async def none_plain() -> Any:
+        return _text("ok")
+
+    async def none_with_session(db: Annotated[Any, Depends(dependency)]) -> Any:
+        return _text("ok")
+
     app = FastAPI()
-    if dependency is None:
-
-        async def none() -> Any:
-            return _text("ok")
-
-    else:
-
-        async def none(db: Annotated[Any, Depends(dependency)]) -> Any:
-            return _text("ok")
-
-    app.get("/none")(none)
+    app.get("/none")(none_plain if dependency is None else none_with_session)
     app.get("/one")(one)
     return app
 
@@ -355,7 +364,7 @@ def _fastapi_sessionmw(scoped: Any, one_query: Callable[[Any], Any]) -> Any:
 
 def fastapi_sessionmw_sync(db: Path) -> Built:
     engine = _sync_engine(db)
-    scoped = sessionmw.request_scoped(sessionmaker(engine))
+    scoped = cast("scoped_session[Session]", sessionmw.request_scoped(sessionmaker(engine)))
 
     async def query(session: Session) -> Any:
         return session.get(Item, 1)
@@ -365,7 +374,9 @@ def fastapi_sessionmw_sync(db: Path) -> Built:
 
 def fastapi_sessionmw_async(db: Path) -> Built:
     engine = _async_engine(db)
-    scoped = sessionmw.request_scoped(async_sessionmaker(engine))
+    scoped = cast(
+        "async_scoped_session[AsyncSession]", sessionmw.request_scoped(async_sessionmaker(engine))
+    )
 
     async def query(session: AsyncSession) -> Any:
         return await session.get(Item, 1)
@@ -380,13 +391,20 @@ def _flask(one: Callable[[], str]) -> Any:
     from flask import Flask
 
     app = Flask("bench")
-    app.get("/none")(lambda: "ok")
+
+    def none() -> str:
+        return "ok"
+
+    app.get("/none")(none)
     app.get("/one")(one)
     return app
 
 
 def flask_bare(db: Path) -> Built:
-    return Built(_flask(lambda: ITEM_NAME))
+    def one() -> str:
+        return ITEM_NAME
+
+    return Built(_flask(one))
 
 
 def flask_handwritten(db: Path) -> Built:
@@ -404,7 +422,7 @@ def flask_handwritten(db: Path) -> Built:
 
 def flask_sessionmw(db: Path) -> Built:
     engine = _sync_engine(db)
-    scoped = sessionmw.request_scoped(sessionmaker(engine))
+    scoped = cast("scoped_session[Session]", sessionmw.request_scoped(sessionmaker(engine)))
 
     def one() -> str:
         item = scoped.get(Item, 1)
@@ -428,6 +446,7 @@ def flask_sqlalchemy(db: Path) -> Built:
 
     app = _flask(one)
     app.config["SQLALCHEMY_DATABASE_URI"] = sync_url(db)
+    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = dict(POOL)
     ext.init_app(app)
     with app.app_context():
         engine = ext.engine

@@ -29,6 +29,7 @@ from cancellation: a client that goes away still gets its connection returned.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -104,8 +105,10 @@ async def _commit_in_thread(session: Session, request: RequestScope) -> None:
             await anyio.to_thread.run_sync(commit_sync, session, request, limiter=_limiter())
         return
     finished: asyncio.Future[None] = loop.create_future()
+    started = threading.Event()
 
     def commit_and_report() -> None:
+        started.set()
         try:
             commit_sync(session, request)
         except BaseException as exc:
@@ -117,6 +120,13 @@ async def _commit_in_thread(session: Session, request: RequestScope) -> None:
         runner = asyncio.ensure_future(
             anyio.to_thread.run_sync(commit_and_report, limiter=_limiter())
         )
+
+        def never_ran(task: asyncio.Future[None]) -> None:
+            # Cancelled while still waiting for a worker thread: nothing will report.
+            if task.cancelled() and not started.is_set() and not finished.done():
+                finished.cancel()
+
+        runner.add_done_callback(never_ran)
         try:
             await wait_out(finished)
         finally:
