@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+from asgiref.testing import ApplicationCommunicator
 from sqlalchemy import Engine, insert, text
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -192,3 +193,19 @@ def http_scope(path: str = "/", method: str = "GET", **extra: Any) -> dict[str, 
     }
     scope.update(extra)
     return scope
+
+
+async def open_websocket(app: Any, path: str = "/ws") -> ApplicationCommunicator:
+    """Connect to ``app``'s websocket at ``path`` and check that it accepted."""
+    scope = {
+        "type": "websocket",
+        "path": path,
+        "headers": [],
+        "query_string": b"",
+        "asgi": {"version": "3.0"},
+        "subprotocols": [],
+    }
+    comm = ApplicationCommunicator(app, scope)
+    await comm.send_input({"type": "websocket.connect"})
+    assert (await comm.receive_output(5))["type"] == "websocket.accept"
+    return comm

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 import sessionmw
-from tests.asgi_helpers import Db, build_app, http_scope
+from tests.asgi_helpers import Db, build_app, http_scope, open_websocket
 from tests.conftest import Tracker, assert_clean, count_rows, user_names
 from tests.models import Note, User
 
@@ -250,17 +250,7 @@ async def test_cancellation_during_close_is_held_until_close_completes(
 
 async def test_websocket_gets_one_scope_and_a_child_per_message(db: Db) -> None:
     app = build_app(db)
-    scope = {
-        "type": "websocket",
-        "path": "/ws",
-        "headers": [],
-        "query_string": b"",
-        "asgi": {"version": "3.0"},
-        "subprotocols": [],
-    }
-    comm = ApplicationCommunicator(app, scope)
-    await comm.send_input({"type": "websocket.connect"})
-    assert (await comm.receive_output(5))["type"] == "websocket.accept"
+    comm = await open_websocket(app)
     for name in ("one", "two", "three"):
         await comm.send_input({"type": "websocket.receive", "text": name})
         assert (await comm.receive_output(5))["text"] == name

@@ -10,10 +10,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from asgiref.testing import ApplicationCommunicator
 
 from examples import flask_app as flask_example
 from examples import starlette_app as starlette_example
+from tests.asgi_helpers import open_websocket
 from tests.servers import uvicorn_server, wait_until, werkzeug_server
 
 HUGE = b"x" * (8 * 1024 * 1024)
@@ -91,17 +91,7 @@ def test_asgi_bad_input(sqlite_url: str) -> None:
 @pytest.mark.anyio
 async def test_websocket_frames_after_close(sqlite_url: str) -> None:
     app = starlette_example.create_app(sqlite_url)
-    scope = {
-        "type": "websocket",
-        "path": "/ws",
-        "headers": [],
-        "query_string": b"",
-        "asgi": {"version": "3.0"},
-        "subprotocols": [],
-    }
-    comm = ApplicationCommunicator(app, scope)
-    await comm.send_input({"type": "websocket.connect"})
-    assert (await comm.receive_output(5))["type"] == "websocket.accept"
+    comm = await open_websocket(app)
     await comm.send_input({"type": "websocket.receive", "text": "kept"})
     assert (await comm.receive_output(5))["text"] == "kept"
     await comm.send_input({"type": "websocket.disconnect", "code": 1001})

@@ -9,12 +9,12 @@ from typing import Any
 
 import httpx
 import pytest
-from asgiref.testing import ApplicationCommunicator
 from sqlalchemy import select
 from starlette.applications import Starlette
 
 from examples.starlette_app import AsyncSession, Session, create_app
 from examples.starlette_app.models import Event, Message, Note
+from tests.asgi_helpers import open_websocket
 
 pytestmark = pytest.mark.anyio
 
@@ -87,17 +87,7 @@ async def test_failure_after_writing_keeps_nothing(
 
 
 async def test_websocket_echo_stores_each_message(app: Starlette) -> None:
-    scope = {
-        "type": "websocket",
-        "path": "/ws",
-        "headers": [],
-        "query_string": b"",
-        "asgi": {"version": "3.0"},
-        "subprotocols": [],
-    }
-    comm = ApplicationCommunicator(app, scope)
-    await comm.send_input({"type": "websocket.connect"})
-    assert (await comm.receive_output(5))["type"] == "websocket.accept"
+    comm = await open_websocket(app)
     for text in ("hi", "there"):
         await comm.send_input({"type": "websocket.receive", "text": text})
         assert (await comm.receive_output(5)) == {"type": "websocket.send", "text": text}
