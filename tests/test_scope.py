@@ -231,3 +231,28 @@ async def test_concurrent_use_of_an_inherited_session_is_refused_by_sqlalchemy(
         assert errors
         assert all("concurrent" in str(e) or "in progress" in str(e) for e in errors), errors
     assert AsyncSession.registry.registry == {}
+
+
+def test_request_scope_removes_every_session_when_one_close_fails(
+    Session: Any, engine: Engine, tmp_path: Any
+) -> None:
+    from sqlalchemy import create_engine
+
+    class FailingClose(OrmSession):
+        def close(self) -> None:
+            super().close()
+            raise RuntimeError("close failed")
+
+    other_engine = create_engine(f"sqlite:///{tmp_path / 'other.db'}")
+    Failing = sessionmw.request_scoped(sessionmaker(bind=other_engine, class_=FailingClose))
+
+    def use_both() -> None:
+        with sessionmw.request_scope(Failing, Session):
+            Failing.execute(text("select 1"))
+            Session.execute(text("select 1"))
+
+    with pytest.raises(RuntimeError, match="close failed"):
+        use_both()
+    assert Failing.registry.registry == {}
+    assert_clean(Session, engine)
+    other_engine.dispose()

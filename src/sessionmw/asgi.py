@@ -210,7 +210,7 @@ class ASGISessionMiddleware:
             finally:
                 if token is not None:
                     _current.reset(token)
-                    del scope[TOKEN_KEY]  # type: ignore[misc]  # no cycle scope <-> token
+                    scope.pop(TOKEN_KEY, None)  # type: ignore[misc]  # no cycle scope <-> token
 
 
 class _Cycle:

@@ -288,15 +288,7 @@ class request_scope:  # noqa: N801 - used like contextlib's lowercase managers
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        failure: BaseException | None = None
-        for session in self.sessions:
-            try:
-                discard_sync(session, self._scope)  # type: ignore[arg-type]
-            except BaseException as error:
-                failure = failure or error
-        self._close()
-        if failure is not None:
-            raise failure
+        self._discard_sync_and_close(None)
 
     async def __aenter__(self) -> RequestScope:
         return self._open()
@@ -309,13 +301,22 @@ class request_scope:  # noqa: N801 - used like contextlib's lowercase managers
     ) -> None:
         failure: BaseException | None = None
         for session in self.sessions:
-            try:
-                if is_async(session):
+            if is_async(session):
+                try:
                     await discard_async(session, self._scope)  # type: ignore[arg-type]
-                else:
+                except BaseException as error:
+                    failure = failure or error
+        self._discard_sync_and_close(failure)
+
+    def _discard_sync_and_close(self, failure: BaseException | None) -> None:
+        """Remove every sync session, even when one fails; then leave the scope and re-raise
+        the first failure."""
+        for session in self.sessions:
+            if not is_async(session):
+                try:
                     discard_sync(session, self._scope)  # type: ignore[arg-type]
-            except BaseException as error:
-                failure = failure or error
+                except BaseException as error:
+                    failure = failure or error
         self._close()
         if failure is not None:
             raise failure
