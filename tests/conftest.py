@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,8 +90,14 @@ def pg_url(postgres: PostgresServer) -> Iterator[str]:
     yield from _fresh_database(postgres)
 
 
+@pytest.fixture
+def second_pg_url(postgres: PostgresServer) -> Iterator[str]:
+    """Another fresh database on the same server, for requests that use two databases."""
+    yield from _fresh_database(postgres)
+
+
 def _fresh_database(server: PostgresServer) -> Iterator[str]:
-    name = f"test_{os.getpid()}_{next(_databases)}"
+    name = f"test_{os.getpid()}_{next(_databases)}_{secrets.token_hex(3)}"
     admin = create_engine(server.url(), isolation_level="AUTOCOMMIT", poolclass=NullPool)
     with admin.connect() as conn:
         conn.execute(text(f"CREATE DATABASE {name}"))

@@ -78,6 +78,7 @@ class PostgresServer:
             "port": str(self.port),
             "unix_socket_directories": f"'{self.directory}'",
             "max_connections": "300",
+            "max_prepared_transactions": "50",  # two-phase commit across databases
             # A test server: durability buys nothing here and costs seconds.
             "fsync": "off",
             "synchronous_commit": "off",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -88,11 +89,15 @@ def test_streamed_body_uses_the_session_until_the_server_closes_it(
     tracker.created.clear()
     tracker.closes.clear()
 
+    seen: list[Any] = []
+
     def app(environ: Any, start_response: Any) -> Iterator[bytes]:
         text_response(start_response)
-        for user in Session.scalars(select(User).order_by(User.id)):
+        for n in range(5):
+            # the commit before the first chunk ends the transaction, not the session
+            user = Session.scalars(select(User).order_by(User.id).offset(n).limit(1)).one()
+            seen.append(Session())
             yield f"{user.name}\n".encode()
-            assert engine.pool.checkedout() == 1
 
     mw = sessionmw.WSGISessionMiddleware(app, Session, commit="on_success")
     body = Server().call(mw)
@@ -102,6 +107,8 @@ def test_streamed_body_uses_the_session_until_the_server_closes_it(
     assert len(Session.registry.registry) == 1
     assert b"".join(chunks) == b"u1\nu2\nu3\nu4\n"
     assert len(Session.registry.registry) == 1  # still open: not closed by the server yet
+    assert len(seen) == 5
+    assert all(s is seen[0] for s in seen)
     body.close()  # type: ignore[attr-defined]
     assert_clean(Session, engine, tracker)
 
@@ -109,17 +116,30 @@ def test_streamed_body_uses_the_session_until_the_server_closes_it(
 def test_iterable_closed_before_it_was_iterated(
     Session: Any, engine: Engine, tracker: Tracker
 ) -> None:
-    def app(environ: Any, start_response: Any) -> list[bytes]:
+    class Body:
+        def __init__(self) -> None:
+            self.closed = 0
+
+        def __iter__(self) -> Iterator[bytes]:
+            yield b"x"
+
+        def close(self) -> None:
+            self.closed += 1
+
+    app_body = Body()
+
+    def app(environ: Any, start_response: Any) -> Body:
         Session.add(User(name="never sent"))
         Session.flush()
         text_response(start_response)
-        return [b"x"]
+        return app_body
 
-    mw = sessionmw.WSGISessionMiddleware(app, Session)
+    mw = sessionmw.WSGISessionMiddleware(app, Session, commit="on_success")
     body = Server().call(mw)
     assert engine.pool.checkedout() == 1
     body.close()  # type: ignore[attr-defined]
     body.close()  # type: ignore[attr-defined]  # idempotent
+    assert app_body.closed == 1
     assert count_rows(engine, User) == 0
     assert_clean(Session, engine, tracker)
 
@@ -289,32 +309,34 @@ def test_commit_failure_never_reaches_the_server_as_a_success(
         pytest.raises(Exception, match=r"(?i)foreign key"),
     ):
         server.call(mw)
-    assert server.statuses == []  # the 201 never reached the server
+    # start_response only recorded the 201 (PEP 3333): the call raised before any byte of
+    # the response could leave, so the server answers with its error instead.
+    assert server.statuses == ["201 Created"]
     assert [r.levelname for r in caplog.records] == ["ERROR"]
     assert count_rows(engine, User) == count_rows(engine, Note) == 0
     assert_clean(Session, engine, tracker)
 
 
-def test_commit_failure_becomes_a_500_through_flask_style_error_handling(
+def test_error_handler_replacing_the_status_with_exc_info_rolls_back(
     Session: Any, engine: Engine
 ) -> None:
-    """An app that catches the error and answers anew gets its own 500 through."""
+    """start_response only records the status; an error handler that calls it again
+    with exc_info (as Flask's and Django's do) decides the outcome: roll back."""
 
     def app(environ: Any, start_response: Any) -> list[bytes]:
-        Session.add(Note(user_id=999, body="dangling"))
+        Session.add(User(name="written, then the handler failed"))
+        Session.flush()
+        text_response(start_response, "200 OK")
         try:
-            text_response(start_response, "200 OK")
-        except Exception:
-            import sys
-
+            raise RuntimeError("the handler fails after start_response")
+        except RuntimeError:
             start_response("500 Internal Server Error", [], sys.exc_info())
             return [b"error"]
-        return [b"ok"]
 
     server = Server()
     status, body = server.get(sessionmw.WSGISessionMiddleware(app, Session, commit="on_success"))
     assert (status, body) == ("500 Internal Server Error", b"error")
-    assert count_rows(engine, Note) == 0
+    assert count_rows(engine, User) == 0
     assert_clean(Session, engine)
 
 

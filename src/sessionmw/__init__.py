@@ -5,10 +5,10 @@ from .scope import (
     NoRequestScopeError,
     RequestScope,
     current_request,
-    request_scope,
     request_scoped,
     set_rollback,
 )
+from .unit import request_scope
 from .wsgi import WSGISessionMiddleware
 
 __all__ = [

@@ -1,7 +1,7 @@
-"""Commit or roll back: the one place that decides, and the commit itself.
+"""Commit or roll back: the one place that decides, and what the logs say of it.
 
-Both middlewares ask :meth:`CommitPolicy.should_commit` once, when the response
-status is known and *before* the response starts, so a commit that fails can
+The request's unit of work asks :meth:`CommitPolicy.should_commit` once, when the
+response status is known and *before* the response starts, so a commit that fails can
 still become a 500: a client is never told "200 OK" for data that was not saved.
 """
 
@@ -13,12 +13,12 @@ from time import perf_counter
 from typing import Any, Literal
 
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import Session, SessionTransaction
 
 from .scope import RequestScope, ScopedSession
 
-__all__ = ["Commit", "CommitPolicy", "commit_async", "commit_sync", "describe"]
+__all__ = ["Commit", "CommitPolicy", "describe", "log_open", "log_removed", "warn_if_unsaved"]
 
 log = logging.getLogger("sessionmw")
 
@@ -84,28 +84,6 @@ def log_removed(request: RequestScope, status: int, started: float) -> None:
     if started:
         elapsed = (perf_counter() - started) * 1000
         log.debug("remove %s (status %d) after %.1f ms", describe(request), status, elapsed)
-
-
-def commit_sync(session: Session, request: RequestScope) -> None:
-    """Commit; on failure log at ERROR, roll back and re-raise so the client gets a 500."""
-    try:
-        session.commit()
-    except Exception:
-        log.error("commit failed for %s; answering with an error", describe(request), exc_info=True)
-        session.rollback()
-        raise
-    log.debug("commit %s", describe(request))
-
-
-async def commit_async(session: AsyncSession, request: RequestScope) -> None:
-    """:func:`commit_sync` for an ``AsyncSession``."""
-    try:
-        await session.commit()
-    except Exception:
-        log.error("commit failed for %s; answering with an error", describe(request), exc_info=True)
-        await session.rollback()
-        raise
-    log.debug("commit %s", describe(request))
 
 
 def warn_if_unsaved(session: Session, request: RequestScope) -> None:

@@ -2,49 +2,49 @@
 
 ``WSGISessionMiddleware`` opens a request scope for each call, puts the
 ``scoped_session`` at ``environ["sessionmw.session"]`` and removes the request's
-Session exactly once, when the response iterable is closed: after the body has
-streamed, when the server abandons it, or at once when the application raises.
-Until then the body may still use the session.
+Session exactly once: when the response iterable is closed (after the body has
+streamed, or when the server abandons it), at once when the application raises, and
+as soon as the app has returned when its body is a list or a ``wsgi.file_wrapper``
+(no app code runs after that; the wrapper goes to the server untouched, so its
+``sendfile`` still works).  Until then the body may still use the session.
 
-With ``commit="on_success"`` (or a callable) the commit happens inside
-``start_response``, before the status reaches the server, so a commit that
-fails propagates as an exception and the server answers 500.  Writes made while
-the body streams come after that decision and must be committed by the app.
+With ``commit="on_success"`` (or a callable) the request's sessions are settled at the
+last moment before the server can send the headers, with the status in force then:
+when the app returns a list, before the first non-empty chunk of an iterable reaches
+the server, at the first ``write()``, or when an iterable ends without a chunk.
+``start_response`` only records the status (PEP 3333), so an app that raises after
+calling it, a generator that fails before its first chunk, or an error handler that
+calls ``start_response("500 ...", headers, exc_info)`` rolls back; a commit that fails
+raises before the first chunk leaves, and the server answers 500.  Writes made while
+the rest of the body streams come after that decision and must be committed by the app.
 
-Stack one middleware per database; they share the request's token.  The
-middleware does not wrap ``async_scoped_session``: WSGI has no event loop to
-close it on, so serve such apps through ``ASGISessionMiddleware``.
+Stack one middleware per database; they share the request's token, and the outermost
+settles every session of the request in one place.  The middleware does not wrap
+``async_scoped_session``: WSGI has no event loop to close it on, so serve such apps
+through ``ASGISessionMiddleware``.
+
+Usage::
+
+    from sessionmw import WSGISessionMiddleware, request_scoped
+
+    Session = request_scoped(sessionmaker(bind=engine))
+    app.wsgi_app = WSGISessionMiddleware(app.wsgi_app, Session, commit="on_success")
 """
 
 from __future__ import annotations
 
+import inspect
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import Context, copy_context
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import scoped_session
 
-from .policy import (
-    Commit,
-    CommitPolicy,
-    commit_sync,
-    describe,
-    log,
-    log_open,
-    log_removed,
-    track_unsaved_writes,
-    warn_if_unsaved,
-)
-from .scope import (
-    TOKEN_KEY,
-    RequestScope,
-    _current,
-    check_request_scoped,
-    discard_sync,
-    is_async,
-    session_of,
-)
+from .policy import Commit, CommitPolicy, describe, log, track_unsaved_writes
+from .scope import TOKEN_KEY, RequestScope, _current, check_request_scoped, is_async
+from .unit import Binding, UnitOfWork
 
 if TYPE_CHECKING:
     from _typeshed import OptExcInfo
@@ -72,6 +72,7 @@ class WSGISessionMiddleware:
         commit: Commit = "manual",
         environ_key: str = "sessionmw.session",
     ) -> None:
+        _refuse_asgi_app(app)
         check_request_scoped(session, "WSGISessionMiddleware")
         if is_async(session):
             raise TypeError(
@@ -85,28 +86,59 @@ class WSGISessionMiddleware:
         if self.policy.manual:
             track_unsaved_writes(session)
         self.environ_key = environ_key
+        self.binding = Binding(session, self.policy, environ_key)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        environ[self.environ_key] = self.session
+        outer = _current.get()
+        unit = outer.unit if outer is not None else None
+        if unit is not None and environ.get(TOKEN_KEY) is outer:
+            unit.add(self.binding)  # stacked: the outermost middleware settles all
+            return self.app(environ, start_response)
+        if _orphans:
+            _close_orphans()
         # The request runs in a context of its own: the server's context never holds
         # the token, so nothing can leak into the next request of this thread.
+        request = RequestScope("wsgi", environ)
         context = copy_context()
-        outer = context.get(_current)
-        request: RequestScope
-        if outer is not None and outer is environ.get(TOKEN_KEY):
-            request, owner = cast(RequestScope, outer), False  # stacked: share the token
-        else:
-            request, owner = RequestScope("wsgi", environ), True
-            context.run(_current.set, request)
-            environ[TOKEN_KEY] = request
-        environ[self.environ_key] = self.session
-        response = _Response(self, request, context, owner, start_response)
+        context.run(_current.set, request)
+        environ[TOKEN_KEY] = request
+        response = _Response(UnitOfWork(request, self.binding), context, start_response)
         try:
-            response.body = context.run(self.app, environ, response.start_response)
+            body = context.run(self.app, environ, response.start_response)
         except BaseException:
-            response.failed = True
-            response.close()
+            response.unit.failed = True
+            response.end()
             raise
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(body, (list, tuple)) or (
+            isinstance(file_wrapper, type) and isinstance(body, file_wrapper)
+        ):
+            # No app code runs after this point: settle and remove now, and hand the
+            # body to the server as it is (a file wrapper keeps its sendfile).
+            response.body = body
+            try:
+                response.settle()
+            except BaseException:
+                response.close()
+                raise
+            response.end()
+            return body
+        response.body = body
         return response
+
+
+#: Per thread, the ends of responses collected in another thread that could not close
+#: there: the owning thread runs them before its next request.
+_orphans: dict[int, list[Callable[[], None]]] = {}
+
+
+def _close_orphans() -> None:
+    for end in _orphans.pop(threading.get_ident(), ()):
+        try:
+            end()
+        except Exception:
+            log.error("closing the session of a collected response failed", exc_info=True)
 
 
 def _status_code(status: str) -> int:
@@ -119,7 +151,8 @@ def _status_code(status: str) -> int:
 
 
 class _Response:
-    """The app's response iterable: each chunk is made in the request's context; close ends it.
+    """The app's response iterable: each chunk is made in the request's context, the
+    sessions are settled before the first non-empty chunk, and close ends the request.
 
     A server (or a test client) that never closes the iterable leaves no token
     behind, since the token only ever lives in the request's own context; the
@@ -129,79 +162,77 @@ class _Response:
     __slots__ = (
         "_chunks",
         "_context",
-        "_owner",
+        "_server_write",
         "_start_response",
+        "_thread",
         "body",
         "closed",
-        "failed",
-        "middleware",
-        "request",
-        "started",
-        "status",
+        "unit",
     )
 
-    def __init__(
-        self,
-        middleware: WSGISessionMiddleware,
-        request: RequestScope,
-        context: Context,
-        owner: bool,
-        start_response: StartResponse,
-    ) -> None:
-        self.middleware = middleware
-        self.request = request
+    def __init__(self, unit: UnitOfWork, context: Context, start_response: StartResponse) -> None:
+        self.unit = unit
         self._context = context
-        self._owner = owner
         self._start_response = start_response
+        self._server_write: Callable[[bytes], object] | None = None
+        self._thread = threading.get_ident()
         self.body: Iterable[bytes] = ()
         self._chunks: Iterator[bytes] | None = None
-        self.status = 0
-        self.failed = False
         self.closed = False
-        self.started = log_open(request)
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
     ) -> Callable[[bytes], object]:
+        """Record the status; the decision waits until the response can really start."""
         code = _status_code(status)
+        unit = self.unit
         if exc_info is not None:
-            self.failed = True
-            self.status = code
-        elif self.failed and code < 400:
-            raise RuntimeError(f"refusing to send {status!r}: this request's commit failed")
-        elif not self.status:
-            self.status = code
-            if not self.middleware.policy.manual:
-                self._settle()
-        return self._start_response(status, headers, exc_info)
+            unit.failed = True  # an error response replaces what was started
+            unit.status = code
+        elif not unit.status:
+            unit.status = code
+        self._server_write = self._start_response(status, headers, exc_info)
+        return self.write
 
-    def _settle(self) -> None:
-        """Commit or roll back, now that the status is known and before the server sees it."""
-        session = session_of(self.middleware.session, self.request)
-        if session is None:
+    def write(self, data: bytes) -> object:
+        """The legacy ``write()`` callable: the headers go out with it, so settle first."""
+        self.settle()
+        assert self._server_write is not None
+        return self._server_write(data)
+
+    def settle(self) -> None:
+        unit = self.unit
+        if unit.settled:
             return
-        if self.middleware.policy.should_commit(self.status, self.request):
-            try:
-                commit_sync(session, self.request)
-            except BaseException:
-                self.failed = True
-                raise
+        if not unit.holds_sessions():
+            unit.settled = True
+        elif _current.get() is unit.request:  # write() called by the app, in its context
+            unit.settle_sync()
         else:
-            session.rollback()
-            log.debug("rollback %s (status %d)", describe(self.request), self.status)
+            self._context.run(unit.settle_sync)
 
     def __iter__(self) -> Iterator[bytes]:
-        if isinstance(self.body, (list, tuple)):
-            return iter(self.body)  # no app code runs while it is read: no context needed
         if self._chunks is None:
-            self._chunks = iter(self.body)
+            self._chunks = self._context.run(iter, self.body)
         return self
 
     def __next__(self) -> bytes:
-        return self._context.run(next, self._chunks)  # type: ignore[arg-type]
+        if self.unit.settled:
+            return self._context.run(next, self._chunks)  # type: ignore[arg-type]
+        try:
+            chunk: bytes = self._context.run(next, self._chunks)  # type: ignore[arg-type]
+        except StopIteration:
+            self.settle()  # the body ended without a chunk: the headers go out now
+            raise
+        except BaseException:
+            self.unit.failed = True
+            raise
+        if chunk:
+            self.settle()
+        return chunk
 
     def close(self) -> None:
-        """Close the app's iterable, then remove the session; once, however often called."""
+        """Close the app's iterable, then remove the sessions; once, however often called."""
         if self.closed:
             return
         self.closed = True
@@ -210,30 +241,53 @@ class _Response:
             if close is not None:
                 self._context.run(close)
         finally:
-            self._end()
+            self.end()
 
-    def _end(self) -> None:
-        if self._owner:
-            environ = self.request.raw
-            if environ.get(TOKEN_KEY) is self.request:
-                del environ[TOKEN_KEY]  # no cycle between the environ and its token
-        session = session_of(self.middleware.session, self.request)
-        if session is None:
-            return
-        if self.middleware.policy.manual and not self.failed and 0 < self.status < 400:
-            warn_if_unsaved(session, self.request)
-        discard_sync(self.middleware.session, self.request)
-        log_removed(self.request, self.status, self.started)
+    def end(self) -> None:
+        self.closed = True
+        unit = self.unit
+        request = unit.request
+        environ = request.raw
+        if environ.get(TOKEN_KEY) is request:
+            del environ[TOKEN_KEY]  # no cycle between the environ and its token
+        if unit.holds_sessions():
+            self._context.run(unit.end_sync)
+        else:
+            request.ended = True
 
     def __del__(self) -> None:
-        if not self.closed and warnings is not None:  # not at interpreter shutdown
-            try:
-                self.close()
-            finally:
-                warnings.warn(
-                    f"the response to {describe(self.request)} was never closed; its session "
-                    "was removed when it was collected. WSGI servers call close(); with a "
-                    "test client, close the response or pass buffered=True.",
-                    ResourceWarning,
-                    stacklevel=1,
-                )
+        if self.closed or warnings is None:  # closed, or at interpreter shutdown
+            return
+        self.closed = True
+        if threading.get_ident() == self._thread or not self.unit.thread_bound():
+            self.end()
+        else:
+            # The collector runs in another thread, which may not use a connection of
+            # SQLite's SingletonThreadPool: the owning thread closes the sessions when it
+            # next serves a request, and no Session is opened for this one meanwhile.
+            self.unit.request.ended = True
+            _orphans.setdefault(self._thread, []).append(self.end)
+        warnings.warn(
+            f"the response to {describe(self.unit.request)} was never closed; its session "
+            "was removed when it was collected. WSGI servers call close(); with a "
+            "test client, close the response or pass buffered=True.",
+            ResourceWarning,
+            stacklevel=1,
+        )
+
+
+def _refuse_asgi_app(app: object) -> None:
+    """An ASGI app here would fail on its first request with an unrelated TypeError."""
+    call = getattr(app, "__call__", None)  # noqa: B004 - the method itself is inspected
+    asgi = inspect.iscoroutinefunction(app) or inspect.iscoroutinefunction(call)
+    if not asgi:
+        try:
+            asgi = len(inspect.signature(app).parameters) == 3  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            asgi = False
+    if asgi:
+        raise TypeError(
+            f"WSGISessionMiddleware got {app!r}, which looks like an ASGI application "
+            "(it takes scope, receive and send). Wrap it with "
+            "sessionmw.ASGISessionMiddleware instead."
+        )
