@@ -50,18 +50,18 @@ def _limiter() -> anyio.CapacityLimiter:
 async def run_shielded(func: Callable[..., Awaitable[_T]], *args: Any) -> _T:
     """Run ``func(*args)`` to the end even if the caller is cancelled meanwhile.
 
-    An anyio shielded scope holds off anyio's (and trio's) cancellation, but not a
-    plain ``Task.cancel()`` under asyncio, so there the work runs in a task of its
-    own that is awaited until done; the cancellation is re-raised afterwards.
+    Under asyncio the work runs in a task of its own that is awaited until done
+    (:func:`wait_out`), which holds off a plain ``Task.cancel()`` and anyio's cancel
+    scopes alike (they cancel through ``Task.cancel()`` there); the cancellation is
+    re-raised afterwards.  Elsewhere (trio) an anyio shielded scope does the same.
     """
-    with anyio.CancelScope(shield=True):
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:  # not asyncio: the shielded scope is enough
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        with anyio.CancelScope(shield=True):
             result = await func(*args)
-        else:
-            result = await wait_out(asyncio.ensure_future(func(*args)))
-    return result
+        return result  # noqa: RET504 - the scope may swallow a cancellation: no return inside
+    return await wait_out(asyncio.ensure_future(func(*args)))
 
 
 async def wait_out(work: asyncio.Future[_T]) -> _T:
@@ -92,16 +92,13 @@ async def run_in_worker(func: Callable[..., _T], *args: Any) -> _T:
     The call sees the caller's context variables, as ``asyncio.to_thread`` gives them.
     """
     try:
-        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
     except RuntimeError:  # not asyncio: anyio's shield holds
-        loop = None
-    with anyio.CancelScope(shield=True):
-        if loop is None:
+        with anyio.CancelScope(shield=True):
             result = await anyio.to_thread.run_sync(func, *args, limiter=_limiter())
-        else:
-            context = contextvars.copy_context()
-            result = await wait_out(loop.run_in_executor(_executor(), context.run, func, *args))
-    return result
+        return result  # noqa: RET504 - as in run_shielded
+    context = contextvars.copy_context()
+    return await wait_out(loop.run_in_executor(_executor(), context.run, func, *args))
 
 
 _workers: ThreadPoolExecutor | None = None
