@@ -83,11 +83,23 @@ def create_app(database_url: str | None = None, **engine_options: Any) -> Flask:
 
     @app.get("/books/stream")
     def stream_books() -> Response:
-        """One JSON line per book, read from the session while the response streams."""
+        """One JSON line per book, read from the session while the response streams.
+
+        Page by page, each page a query of its own: the commit before the first chunk
+        ends the request's transaction, and with it any cursor still open (yield_per).
+        """
 
         def lines() -> Iterator[str]:
-            for book in Session.scalars(select(Book).order_by(Book.id)).yield_per(100):
-                yield json.dumps(book.to_json()) + "\n"
+            last = 0
+            while True:
+                page = Session.scalars(
+                    select(Book).where(Book.id > last).order_by(Book.id).limit(100)
+                ).all()
+                if not page:
+                    return
+                for book in page:
+                    yield json.dumps(book.to_json()) + "\n"
+                last = page[-1].id
 
         return Response(stream_with_context(lines()), mimetype="application/x-ndjson")
 
