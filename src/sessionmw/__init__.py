@@ -1,6 +1,7 @@
 """Request-scoped SQLAlchemy sessions for any WSGI or ASGI application."""
 
 from .asgi import ASGISessionMiddleware
+from .oncommit import on_commit
 from .scope import (
     NoRequestScopeError,
     RequestScope,
@@ -17,6 +18,7 @@ __all__ = [
     "RequestScope",
     "WSGISessionMiddleware",
     "current_request",
+    "on_commit",
     "request_scope",
     "request_scoped",
     "set_rollback",

@@ -149,17 +149,22 @@ class _Responder:
         await self._send(message)
 
     async def end(self) -> None:
-        """Settle a websocket, then remove every session of the request."""
+        """Settle a websocket, remove every session of the request, then run its
+        on_commit callbacks."""
         unit = self.unit
-        if not unit.holds_sessions():
-            unit.request.ended = True
-            return
         try:
-            if unit.request.kind == "websocket" and not unit.failed:
-                unit.decide_websocket()
-                await unit.settle()
+            if not unit.holds_sessions():
+                unit.request.ended = True
+                return
+            try:
+                if unit.request.kind == "websocket" and not unit.failed:
+                    unit.decide_websocket()
+                    await unit.settle()
+            finally:
+                await unit.end()
         finally:
-            await unit.end()
+            if unit.callbacks:
+                await unit.run_callbacks()
 
 
 def _refuse_wsgi_app(app: object) -> None:

@@ -16,6 +16,7 @@ ASGI) and an async one awaits them, so both protocols share one algorithm.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable, Generator
 from contextvars import Token
@@ -28,6 +29,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import SingletonThreadPool
 
 from .offload import run_in_worker, run_shielded
+from .oncommit import Callback, run_callback
 from .policy import CommitPolicy, describe, log_open, log_removed, warn_if_unsaved
 from .scope import RequestScope, ScopedSession, _current, check_request_scoped, is_async
 
@@ -118,7 +120,16 @@ def _finish_prepared(xids: list[tuple[Engine, Any]], session: Session) -> None:
 class UnitOfWork:
     """What one request does to its sessions: settle them all, then remove them all."""
 
-    __slots__ = ("bindings", "close_code", "failed", "request", "settled", "started", "status")
+    __slots__ = (
+        "bindings",
+        "callbacks",
+        "close_code",
+        "failed",
+        "request",
+        "settled",
+        "started",
+        "status",
+    )
 
     def __init__(self, request: RequestScope, binding: Binding) -> None:
         self.request = request
@@ -130,6 +141,8 @@ class UnitOfWork:
         #: The close code the app sent on a websocket (``None``: it sent none).
         self.close_code: int | None = None
         self.settled = False
+        #: on_commit callbacks whose transaction committed: they run after the response.
+        self.callbacks: list[Callback] = []
         self.started = log_open(request)
         request.unit = self
 
@@ -396,10 +409,46 @@ class UnitOfWork:
         if failure is not None:
             raise failure
 
+    # -- after the response ---------------------------------------------------
+
+    def run_callbacks_sync(self) -> None:
+        """Run the on_commit callbacks of the request, in order, in this thread."""
+        callbacks, self.callbacks = self.callbacks, []
+        _run_batch(callbacks, describe(self.request))
+
+    async def run_callbacks(self) -> None:
+        """:meth:`run_callbacks_sync` for ASGI: sync callbacks in a worker thread,
+        coroutine functions awaited, in order; shielded, so a request cancelled after
+        its commit still runs them."""
+        callbacks, self.callbacks = self.callbacks, []
+        await run_shielded(_run_all, callbacks, describe(self.request))
+
     def thread_bound(self) -> bool:
         """Whether a Session of the request draws from a pool whose connections belong to
         one thread (SQLite memory databases' SingletonThreadPool)."""
         return any(b.thread_bound() for b in self.bindings)
+
+
+async def _run_all(callbacks: list[Callback], where: str) -> None:
+    batch: list[Callback] = []
+    for callback in callbacks:
+        if not inspect.iscoroutinefunction(callback):
+            batch.append(callback)
+            continue
+        if batch:
+            await run_in_worker(_run_batch, batch, where)
+            batch = []
+        try:
+            await callback()
+        except Exception:
+            log.error("an on_commit callback failed after %s", where, exc_info=True)
+    if batch:
+        await run_in_worker(_run_batch, batch, where)
+
+
+def _run_batch(callbacks: list[Callback], where: str) -> None:
+    for callback in callbacks:
+        run_callback(callback, where)
 
 
 def _discard_all(bindings: list[Binding], request: RequestScope) -> None:

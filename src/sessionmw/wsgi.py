@@ -108,23 +108,24 @@ class WSGISessionMiddleware:
             body = context.run(self.app, environ, response.start_response)
         except BaseException:
             response.unit.failed = True
-            response.end()
+            response.close()
             raise
+        response.body = body
+        listed = isinstance(body, (list, tuple))
         file_wrapper = environ.get("wsgi.file_wrapper")
-        if isinstance(body, (list, tuple)) or (
-            isinstance(file_wrapper, type) and isinstance(body, file_wrapper)
-        ):
+        if listed or (isinstance(file_wrapper, type) and isinstance(body, file_wrapper)):
             # No app code runs after this point: settle and remove now, and hand the
             # body to the server as it is (a file wrapper keeps its sendfile).
-            response.body = body
             try:
                 response.settle()
             except BaseException:
                 response.close()
                 raise
             response.end()
+            if listed and response.unit.callbacks:
+                return response  # on_commit callbacks wait until the server closes it
+            response.close()
             return body
-        response.body = body
         return response
 
 
@@ -167,6 +168,7 @@ class _Response:
         "_thread",
         "body",
         "closed",
+        "ended",
         "unit",
     )
 
@@ -179,6 +181,7 @@ class _Response:
         self.body: Iterable[bytes] = ()
         self._chunks: Iterator[bytes] | None = None
         self.closed = False
+        self.ended = False
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
@@ -232,19 +235,30 @@ class _Response:
         return chunk
 
     def close(self) -> None:
-        """Close the app's iterable, then remove the sessions; once, however often called."""
+        """Close the app's iterable, remove the sessions, then run the request's
+        on_commit callbacks; once, however often called."""
         if self.closed:
             return
         self.closed = True
         try:
             close = getattr(self.body, "close", None)
-            if close is not None:
+            if close is not None and not isinstance(self.body, (list, tuple)):
                 self._context.run(close)
         finally:
+            self.finish()
+
+    def finish(self) -> None:
+        try:
             self.end()
+        finally:
+            if self.unit.callbacks:
+                self.unit.run_callbacks_sync()
 
     def end(self) -> None:
-        self.closed = True
+        """Remove the request's sessions and end its scope; once."""
+        if self.ended:
+            return
+        self.ended = True
         unit = self.unit
         request = unit.request
         environ = request.raw
@@ -260,13 +274,13 @@ class _Response:
             return
         self.closed = True
         if threading.get_ident() == self._thread or not self.unit.thread_bound():
-            self.end()
+            self.finish()
         else:
             # The collector runs in another thread, which may not use a connection of
             # SQLite's SingletonThreadPool: the owning thread closes the sessions when it
             # next serves a request, and no Session is opened for this one meanwhile.
             self.unit.request.ended = True
-            _orphans.setdefault(self._thread, []).append(self.end)
+            _orphans.setdefault(self._thread, []).append(self.finish)
         warnings.warn(
             f"the response to {describe(self.unit.request)} was never closed; its session "
             "was removed when it was collected. WSGI servers call close(); with a "
