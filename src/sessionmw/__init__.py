@@ -2,6 +2,7 @@
 
 from .asgi import ASGISessionMiddleware
 from .oncommit import on_commit
+from .retry import is_transient
 from .scope import (
     NoRequestScopeError,
     RequestScope,
@@ -18,6 +19,7 @@ __all__ = [
     "RequestScope",
     "WSGISessionMiddleware",
     "current_request",
+    "is_transient",
     "on_commit",
     "request_scope",
     "request_scoped",

@@ -31,10 +31,13 @@ Usage::
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from .policy import Commit, CommitPolicy, track_unsaved_writes
+from .retry import Evidence, RecordingReceive, RetryPolicy
 from .scope import TOKEN_KEY, RequestScope, ScopedSession, _current, check_request_scoped
 from .unit import Binding, UnitOfWork
 
@@ -61,6 +64,10 @@ class ASGISessionMiddleware:
         :func:`sessionmw.set_rollback` was not called) or ``(status) -> bool``.
     :param state_key: the name under ``scope["state"]``, i.e. ``request.state.db``.
     :param scope_types: the ASGI scope types that get a request scope.
+    :param retries: how often an HTTP request that failed with a transient database
+        error (:func:`sessionmw.is_transient`) is replayed, when that is safe.
+    :param retry_on: ``(exc) -> bool`` in place of :func:`sessionmw.is_transient`.
+    :param retry_body_limit: the largest request body, in bytes, kept for a replay.
     """
 
     def __init__(
@@ -71,6 +78,9 @@ class ASGISessionMiddleware:
         commit: Commit = "manual",
         state_key: str = "db",
         scope_types: Iterable[str] = ("http", "websocket"),
+        retries: int = 0,
+        retry_on: Callable[[BaseException], bool] | None = None,
+        retry_body_limit: int = 1_048_576,
     ) -> None:
         _refuse_wsgi_app(app)
         self.app = app
@@ -80,6 +90,7 @@ class ASGISessionMiddleware:
             track_unsaved_writes(session)
         self.state_key = state_key
         self.binding = Binding(self.session, self.policy, state_key)
+        self.retry = RetryPolicy(retries, retry_on, retry_body_limit)
         self.scope_types = frozenset(scope_types)
         unknown = self.scope_types - {"http", "websocket"}
         if unknown:
@@ -103,10 +114,19 @@ class ASGISessionMiddleware:
             outer.unit.add(self.binding)  # stacked: the outermost middleware settles all
             await self.app(scope, receive, send)
             return
-        request = RequestScope(scope["type"], scope)  # type: ignore[arg-type]
+        if self.retry.retries and scope["type"] == "http":
+            await self._serve_with_replays(scope, receive, send)
+            return
+        responder = _Responder(UnitOfWork(RequestScope(scope["type"], scope), self.binding), send)  # type: ignore[arg-type]
+        await self._attempt(scope, receive, responder)
+
+    async def _attempt(
+        self, scope: Scope, receive: ASGIReceiveCallable, responder: _Responder
+    ) -> None:
+        """Serve the request once, in a scope of its own, and end that scope."""
+        request = responder.unit.request
         token = _current.set(request)
         scope[TOKEN_KEY] = request  # type: ignore[literal-required]
-        responder = _Responder(UnitOfWork(request, self.binding), send)
         try:
             await self.app(scope, receive, responder.send)
         except BaseException:
@@ -119,18 +139,87 @@ class ASGISessionMiddleware:
                 _current.reset(token)
                 scope.pop(TOKEN_KEY, None)  # type: ignore[misc]  # no cycle scope <-> token
 
+    async def _serve_with_replays(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        """Serve the request, replaying it on a transient database failure while safe:
+        no response started, nothing committed, the body kept whole or never read."""
+        retry = self.retry
+        body = RecordingReceive(receive, retry.body_limit)
+        attempt_receive = body.receive
+        for attempt in range(retry.retries + 1):
+            attempt_scope: Any = dict(scope)
+            attempt_scope["state"] = {**scope.get("state", {}), self.state_key: self.session}
+            unit = UnitOfWork(RequestScope("http", attempt_scope), self.binding)
+            unit.evidence = Evidence()
+            replay = retry if attempt < retry.retries else None
+            responder = _Responder(unit, send, replay, body)
+            try:
+                await self._attempt(attempt_scope, attempt_receive, responder)
+            except Exception as exc:
+                error = responder.withheld or retry.failure(unit.evidence, exc)
+                if replay is None or error is None or not responder.may_replay():
+                    raise
+            else:
+                error = responder.withheld
+                if error is None:
+                    return
+                if not responder.may_replay():  # a commit came after the 5xx was held
+                    await responder.send_withheld()
+                    return
+            retry.log_replay(unit.request, attempt + 1, retry.retries, error)
+            await anyio.sleep(retry.backoff(attempt + 1))
+            attempt_receive = body.replay()
+
 
 class _Responder:
     """One request's ``send``: sees the status, settles the unit of work before the
-    response starts, and ends it when the application call returns."""
+    response starts, and ends it when the application call returns.
 
-    __slots__ = ("_send", "unit")
+    With a retry policy it holds back a 5xx caused by a transient database error (and
+    the body after it), so that the request can be replayed instead.
+    """
 
-    def __init__(self, unit: UnitOfWork, send: ASGISendCallable) -> None:
+    __slots__ = ("_body", "_held", "_replay", "_send", "started", "unit", "withheld")
+
+    def __init__(
+        self,
+        unit: UnitOfWork,
+        send: ASGISendCallable,
+        replay: RetryPolicy | None = None,
+        body: RecordingReceive | None = None,
+    ) -> None:
         self.unit = unit
         self._send = send
+        self._replay = replay
+        self._body = body
+        self._held: list[ASGISendEvent] = []
+        #: The response start went to the server: no replay from then on.
+        self.started = False
+        #: The transient failure behind a 5xx held back for a replay.
+        self.withheld: BaseException | None = None
+
+    def may_replay(self) -> bool:
+        evidence = self.unit.evidence
+        return (
+            not self.started
+            and evidence is not None
+            and not evidence.committed
+            and self._body is not None
+            and self._body.replayable()
+        )
+
+    async def send_withheld(self) -> None:
+        """Send the 5xx that was held back for a replay that cannot happen after all."""
+        held, self._held = self._held, []
+        self.withheld = None
+        for message in held:
+            await self.send(message)
 
     async def send(self, message: ASGISendEvent) -> None:
+        if self.withheld is not None:
+            self._held.append(message)
+            return
         kind = message["type"]
         if kind == "http.response.start" or kind == "websocket.http.response.start":
             unit = self.unit
@@ -142,6 +231,13 @@ class _Responder:
             if not unit.status:
                 unit.status = status
                 await unit.settle()
+            if status >= 500 and self._replay is not None and unit.evidence is not None:
+                error = self._replay.failure(unit.evidence, None)
+                if error is not None and self.may_replay():
+                    self.withheld = error
+                    self._held.append(message)
+                    return
+            self.started = True
         elif kind == "websocket.accept":
             self.unit.status = 101
         elif kind == "websocket.close":

@@ -31,6 +31,7 @@ from sqlalchemy.pool import SingletonThreadPool
 from .offload import run_in_worker, run_shielded
 from .oncommit import Callback, run_callback
 from .policy import CommitPolicy, describe, log_open, log_removed, warn_if_unsaved
+from .retry import Evidence
 from .scope import RequestScope, ScopedSession, _current, check_request_scoped, is_async
 
 __all__ = ["Binding", "UnitOfWork", "request_scope"]
@@ -124,6 +125,7 @@ class UnitOfWork:
         "bindings",
         "callbacks",
         "close_code",
+        "evidence",
         "failed",
         "request",
         "settled",
@@ -143,6 +145,8 @@ class UnitOfWork:
         self.settled = False
         #: on_commit callbacks whose transaction committed: they run after the response.
         self.callbacks: list[Callback] = []
+        #: What bears on replaying the request (with ``retries=``), else ``None``.
+        self.evidence: Evidence | None = None
         self.started = log_open(request)
         request.unit = self
 

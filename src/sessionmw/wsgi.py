@@ -35,14 +35,16 @@ from __future__ import annotations
 
 import inspect
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import Context, copy_context
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.orm import scoped_session
 
 from .policy import Commit, CommitPolicy, describe, log, track_unsaved_writes
+from .retry import Evidence, RecordingInput, RetryPolicy
 from .scope import TOKEN_KEY, RequestScope, _current, check_request_scoped, is_async
 from .unit import Binding, UnitOfWork
 
@@ -62,6 +64,10 @@ class WSGISessionMiddleware:
         the status is below 400 and :func:`sessionmw.set_rollback` was not
         called) or a callable ``(status) -> bool``.
     :param environ_key: where the ``scoped_session`` is put in the environ.
+    :param retries: how often a request that failed with a transient database error
+        (:func:`sessionmw.is_transient`) is replayed, when that is safe.
+    :param retry_on: ``(exc) -> bool`` in place of :func:`sessionmw.is_transient`.
+    :param retry_body_limit: the largest request body, in bytes, kept for a replay.
     """
 
     def __init__(
@@ -71,6 +77,9 @@ class WSGISessionMiddleware:
         *,
         commit: Commit = "manual",
         environ_key: str = "sessionmw.session",
+        retries: int = 0,
+        retry_on: Callable[[BaseException], bool] | None = None,
+        retry_body_limit: int = 1_048_576,
     ) -> None:
         _refuse_asgi_app(app)
         check_request_scoped(session, "WSGISessionMiddleware")
@@ -87,6 +96,7 @@ class WSGISessionMiddleware:
             track_unsaved_writes(session)
         self.environ_key = environ_key
         self.binding = Binding(session, self.policy, environ_key)
+        self.retry = RetryPolicy(retries, retry_on, retry_body_limit)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         environ[self.environ_key] = self.session
@@ -97,15 +107,11 @@ class WSGISessionMiddleware:
             return self.app(environ, start_response)
         if _orphans:
             _close_orphans()
-        # The request runs in a context of its own: the server's context never holds
-        # the token, so nothing can leak into the next request of this thread.
-        request = RequestScope("wsgi", environ)
-        context = copy_context()
-        context.run(_current.set, request)
-        environ[TOKEN_KEY] = request
-        response = _Response(UnitOfWork(request, self.binding), context, start_response)
+        if self.retry.retries:
+            return self._serve_with_replays(environ, start_response)
+        response = self._open(environ, start_response, _Response)
         try:
-            body = context.run(self.app, environ, response.start_response)
+            body: Iterable[bytes] = response.context.run(self.app, environ, response.start_response)
         except BaseException:
             response.unit.failed = True
             response.close()
@@ -127,6 +133,63 @@ class WSGISessionMiddleware:
             response.close()
             return body
         return response
+
+    def _open(self, environ: WSGIEnvironment, start_response: StartResponse, kind: type[_R]) -> _R:
+        """A scope of its own for one attempt at the request: the request runs in a
+        context of its own, so the server's context never holds the token and nothing
+        can leak into the next request of this thread."""
+        request = RequestScope("wsgi", environ)
+        context = copy_context()
+        context.run(_current.set, request)
+        environ[TOKEN_KEY] = request
+        return kind(UnitOfWork(request, self.binding), context, start_response)
+
+    def _serve_with_replays(
+        self, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        """Serve the request, replaying it on a transient database failure while safe:
+        the body's first chunk is made (and the sessions settled) before the server sees
+        the status, so a failed attempt can still be dropped unseen."""
+        retry = self.retry
+        length = environ.get("CONTENT_LENGTH")
+        body_input = RecordingInput(
+            environ["wsgi.input"], retry.body_limit, int(length) if length else None
+        )
+        for attempt in range(retry.retries + 1):
+            attempt_environ = dict(environ)
+            attempt_environ["wsgi.input"] = body_input
+            response = self._open(attempt_environ, start_response, _ReplayableResponse)
+            unit = response.unit
+            unit.evidence = Evidence()
+            escaped: Exception | None = None
+            try:
+                response.body = response.context.run(
+                    self.app, attempt_environ, response.start_response
+                )
+                response.prefetch()
+            except Exception as exc:
+                unit.failed = True
+                escaped = exc
+            error = retry.failure(unit.evidence, escaped)
+            if escaped is None and unit.status < 500:
+                error = None
+            replayable = (
+                not response.started and not unit.evidence.committed and body_input.replayable()
+            )
+            if attempt == retry.retries or error is None or not replayable:
+                if escaped is not None:
+                    response.close()
+                    raise escaped
+                response.forward_start()
+                return response
+            response.close()
+            retry.log_replay(unit.request, attempt + 1, retry.retries, error)
+            time.sleep(retry.backoff(attempt + 1))
+            body_input = RecordingInput(body_input.replay(), retry.body_limit, body_input.length)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+_R = TypeVar("_R", bound="_Response")
 
 
 #: Per thread, the ends of responses collected in another thread that could not close
@@ -162,19 +225,19 @@ class _Response:
 
     __slots__ = (
         "_chunks",
-        "_context",
         "_server_write",
         "_start_response",
         "_thread",
         "body",
         "closed",
+        "context",
         "ended",
         "unit",
     )
 
     def __init__(self, unit: UnitOfWork, context: Context, start_response: StartResponse) -> None:
         self.unit = unit
-        self._context = context
+        self.context = context
         self._start_response = start_response
         self._server_write: Callable[[bytes], object] | None = None
         self._thread = threading.get_ident()
@@ -212,18 +275,18 @@ class _Response:
         elif _current.get() is unit.request:  # write() called by the app, in its context
             unit.settle_sync()
         else:
-            self._context.run(unit.settle_sync)
+            self.context.run(unit.settle_sync)
 
     def __iter__(self) -> Iterator[bytes]:
         if self._chunks is None:
-            self._chunks = self._context.run(iter, self.body)
+            self._chunks = self.context.run(iter, self.body)
         return self
 
     def __next__(self) -> bytes:
         if self.unit.settled:
-            return self._context.run(next, self._chunks)  # type: ignore[arg-type]
+            return self.context.run(next, self._chunks)  # type: ignore[arg-type]
         try:
-            chunk: bytes = self._context.run(next, self._chunks)  # type: ignore[arg-type]
+            chunk: bytes = self.context.run(next, self._chunks)  # type: ignore[arg-type]
         except StopIteration:
             self.settle()  # the body ended without a chunk: the headers go out now
             raise
@@ -243,7 +306,7 @@ class _Response:
         try:
             close = getattr(self.body, "close", None)
             if close is not None and not isinstance(self.body, (list, tuple)):
-                self._context.run(close)
+                self.context.run(close)
         finally:
             self.finish()
 
@@ -265,7 +328,7 @@ class _Response:
         if environ.get(TOKEN_KEY) is request:
             del environ[TOKEN_KEY]  # no cycle between the environ and its token
         if unit.holds_sessions():
-            self._context.run(unit.end_sync)
+            self.context.run(unit.end_sync)
         else:
             request.ended = True
 
@@ -288,6 +351,69 @@ class _Response:
             ResourceWarning,
             stacklevel=1,
         )
+
+
+class _ReplayableResponse(_Response):
+    """A response whose attempt may still be dropped for a replay: the status reaches
+    the server only once the first chunk is made and the sessions are settled."""
+
+    __slots__ = ("_done", "_first", "_pending_start", "started")
+
+    def __init__(self, unit: UnitOfWork, context: Context, start_response: StartResponse) -> None:
+        super().__init__(unit, context, start_response)
+        self._pending_start: tuple[str, list[tuple[str, str]], OptExcInfo | None] | None = None
+        self._first = b""
+        self._done = False
+        #: Something went to the server (through ``write()``): no replay from then on.
+        self.started = False
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        code = _status_code(status)
+        unit = self.unit
+        if exc_info is not None:
+            unit.failed = True
+            unit.status = code
+        elif not unit.status:
+            unit.status = code
+        self._pending_start = (status, headers, exc_info)
+        return self.write
+
+    def forward_start(self) -> None:
+        """Give the server the status now that this attempt's response is the one."""
+        pending, self._pending_start = self._pending_start, None
+        if pending is not None:
+            self._server_write = self._start_response(*pending)
+
+    def write(self, data: bytes) -> object:
+        self.settle()
+        self.forward_start()
+        self.started = True
+        assert self._server_write is not None
+        return self._server_write(data)
+
+    def prefetch(self) -> None:
+        """Make the body's first non-empty chunk (or reach its end), then settle."""
+        self._chunks = self.context.run(iter, self.body)
+        while True:
+            try:
+                chunk: bytes = self.context.run(next, self._chunks)
+            except StopIteration:
+                self._done = True
+                break
+            if chunk:
+                self._first = chunk
+                break
+        self.settle()
+
+    def __next__(self) -> bytes:
+        if self._first:
+            chunk, self._first = self._first, b""
+            return chunk
+        if self._done:
+            raise StopIteration
+        return super().__next__()
 
 
 def _refuse_asgi_app(app: object) -> None:
