@@ -5,8 +5,8 @@ still commit or close what it started and give its connection back, and blocking
 database I/O must never run on the event-loop thread.  This module knows nothing of
 sessions: it runs a callable to the end, on the loop or in a worker thread.
 
-The worker threads are a pool of this module's own, never anyio's shared 40-token
-limiter: there the cleanups of finished requests would queue behind sync
+The worker threads sit behind a limiter of this module's own, never anyio's shared
+40-token one: there the cleanups of finished requests would queue behind sync
 endpoints that wait for the very connections those cleanups would give back, a
 deadlock once more than 40 + pool-size requests are in flight.  Cleanups never wait
 for a connection, so a limiter of their own always drains.
@@ -15,11 +15,9 @@ for a connection, so a limiter of their own always drains.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
-import os
+import threading
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import anyio
@@ -50,18 +48,20 @@ def _limiter() -> anyio.CapacityLimiter:
 async def run_shielded(func: Callable[..., Awaitable[_T]], *args: Any) -> _T:
     """Run ``func(*args)`` to the end even if the caller is cancelled meanwhile.
 
-    Under asyncio the work runs in a task of its own that is awaited until done
-    (:func:`wait_out`), which holds off a plain ``Task.cancel()`` and anyio's cancel
-    scopes alike (they cancel through ``Task.cancel()`` there); the cancellation is
-    re-raised afterwards.  Elsewhere (trio) an anyio shielded scope does the same.
+    An anyio shielded scope holds off anyio's (and trio's) cancellation; without it an
+    anyio scope cancelled around the caller would cancel the waiting task again on
+    every turn of the loop.  It does not hold off a plain ``Task.cancel()`` under
+    asyncio, so there the work runs in a task of its own that is awaited until done
+    (:func:`wait_out`); the cancellation is re-raised afterwards.
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        with anyio.CancelScope(shield=True):
+    with anyio.CancelScope(shield=True):
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio: the shielded scope is enough
             result = await func(*args)
-        return result  # noqa: RET504 - the scope may swallow a cancellation: no return inside
-    return await wait_out(asyncio.ensure_future(func(*args)))
+        else:
+            result = await wait_out(asyncio.ensure_future(func(*args)))
+    return result
 
 
 async def wait_out(work: asyncio.Future[_T]) -> _T:
@@ -89,33 +89,46 @@ async def run_in_worker(func: Callable[..., _T], *args: Any) -> _T:
     Shielded: under asyncio the wait is on a future the thread itself resolves, so even
     a plain ``Task.cancel()`` of every task (as ``asyncio.run`` does at shutdown) cannot
     end the wait while the thread still works on objects the caller will touch next.
-    The call sees the caller's context variables, as ``asyncio.to_thread`` gives them.
+    The call sees the caller's context variables, as anyio's worker threads give them.
     """
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # not asyncio: anyio's shield holds
         with anyio.CancelScope(shield=True):
             result = await anyio.to_thread.run_sync(func, *args, limiter=_limiter())
-        return result  # noqa: RET504 - as in run_shielded
-    context = contextvars.copy_context()
-    return await wait_out(loop.run_in_executor(_executor(), context.run, func, *args))
+        return result  # noqa: RET504 - the scope may swallow a cancellation: no return inside
+    finished: asyncio.Future[_T] = loop.create_future()
+    started = threading.Event()
+
+    def run_and_report() -> None:
+        started.set()
+        try:
+            result = func(*args)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_resolve, finished, None, exc)
+        else:
+            loop.call_soon_threadsafe(_resolve, finished, result, None)
+
+    with anyio.CancelScope(shield=True):
+        runner = asyncio.ensure_future(anyio.to_thread.run_sync(run_and_report, limiter=_limiter()))
+
+        def never_ran(task: asyncio.Future[None]) -> None:
+            # Cancelled while still waiting for a worker thread: nothing will report.
+            if task.cancelled() and not started.is_set() and not finished.done():
+                finished.cancel()
+
+        runner.add_done_callback(never_ran)
+        try:
+            result = await wait_out(finished)
+        finally:
+            await asyncio.gather(runner, return_exceptions=True)
+    return result
 
 
-_workers: ThreadPoolExecutor | None = None
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _workers
-    if _workers is None:
-        _workers = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="sessionmw")
-    return _workers
-
-
-def _forget_workers() -> None:
-    """A forked child has none of its parent's threads: start a pool of its own."""
-    global _workers
-    _workers = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_workers)
+def _resolve(future: asyncio.Future[_T], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is None:
+        future.set_result(result)
+    else:
+        future.set_exception(exc)
