@@ -29,6 +29,9 @@ ROLE_COLOURS = {
 
 Cells = dict[tuple[str, str, int], dict[str, Any]]
 
+#: Invisible in the Markdown; docs/benchmarks.md includes the parts between them.
+DOCS_MARK = "<!-- --8<-- [{}:{}] -->"
+
 
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
@@ -299,6 +302,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# sessionmw benchmarks",
         "",
+        DOCS_MARK.format("start", "header"),
         f"{results['date']}, `{results['mode']}` run in {results.get('duration_s', 0):.0f} s. "
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['os']}, load average {m['load']} at the "
         f"start. {m['python']}. sessionmw at {m['revision']}.",
@@ -312,6 +316,9 @@ def markdown(results: dict[str, Any]) -> str:
         "differences to the framework without any session handling. SQLite file, "
         "every engine with the same pool (20 + 40 overflow).",
         "",
+        DOCS_MARK.format("end", "header"),
+        "",
+        DOCS_MARK.format("start", "tables"),
         "## Part 1: per-request cost, in process",
         "",
     ]
@@ -344,6 +351,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
     lines += scaling_tables(results)
     lines += server_table(results)
+    lines.append(DOCS_MARK.format("end", "tables"))
     return "\n".join(lines)
 
 
