@@ -30,6 +30,8 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import inspect
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -125,6 +127,8 @@ class ASGISessionMiddleware:
     ) -> None:
         """Serve the request once, in a scope of its own, and end that scope."""
         request = responder.unit.request
+        if request.kind == "http":
+            responder.remember_server_context()
         token = _current.set(request)
         scope[TOKEN_KEY] = request  # type: ignore[literal-required]
         try:
@@ -147,11 +151,20 @@ class ASGISessionMiddleware:
         retry = self.retry
         body = RecordingReceive(receive, retry.body_limit)
         attempt_receive = body.receive
+        # Each attempt runs on the server's own scope, as it was: what the app sets there
+        # (state, route) is seen by the middleware around this one.
+        attempt_scope: Any = scope
+        original = dict(attempt_scope)
+        state: dict[str, Any] = attempt_scope.setdefault("state", {})
+        original_state = dict(state)
         for attempt in range(retry.retries + 1):
-            attempt_scope: Any = dict(scope)
-            attempt_scope["state"] = {**scope.get("state", {}), self.state_key: self.session}
+            if attempt:
+                attempt_scope.clear()
+                attempt_scope.update(original)
+                state.clear()
+                state.update(original_state)
             unit = UnitOfWork(RequestScope("http", attempt_scope), self.binding)
-            unit.evidence = Evidence()
+            unit.evidence = Evidence(replayable=attempt < retry.retries)
             replay = retry if attempt < retry.retries else None
             responder = _Responder(unit, send, replay, body)
             try:
@@ -180,7 +193,17 @@ class _Responder:
     the body after it), so that the request can be replayed instead.
     """
 
-    __slots__ = ("_body", "_held", "_replay", "_send", "started", "unit", "withheld")
+    __slots__ = (
+        "_body",
+        "_held",
+        "_replay",
+        "_send",
+        "_server_context",
+        "_server_task",
+        "started",
+        "unit",
+        "withheld",
+    )
 
     def __init__(
         self,
@@ -194,6 +217,8 @@ class _Responder:
         self._replay = replay
         self._body = body
         self._held: list[ASGISendEvent] = []
+        self._server_context: contextvars.Context | None = None
+        self._server_task: asyncio.Task[Any] | None = None
         #: The response start went to the server: no replay from then on.
         self.started = False
         #: The transient failure behind a 5xx held back for a replay.
@@ -216,11 +241,47 @@ class _Responder:
         for message in held:
             await self.send(message)
 
+    def remember_server_context(self) -> None:
+        """The server's context, before the request's token enters it (asyncio only)."""
+        try:
+            self._server_task = asyncio.current_task()
+        except RuntimeError:  # not asyncio
+            return
+        self._server_context = contextvars.copy_context()
+
+    async def _send_last(self, message: ASGISendEvent) -> None:
+        """Send the body's last message in the server's context, not this request's.
+
+        uvicorn starts the next request of a kept-alive connection from inside this very
+        call, and that request's task inherits whatever context the call runs in.  Run
+        from another task (asgiref's ``WsgiToAsgi`` sends from one of its own), that
+        context points at this request's executor, which is shut down by then: the next
+        request fails with "CurrentThreadExecutor already quit or is broken".
+        """
+        if asyncio.current_task() is self._server_task:
+            token = _current.set(None)  # the next request starts without this one's token
+            try:
+                await self._send(message)
+            finally:
+                _current.reset(token)
+            return
+        assert self._server_context is not None
+        loop = asyncio.get_running_loop()
+        await self._server_context.run(loop.create_task, _forward(self._send, message))
+
     async def send(self, message: ASGISendEvent) -> None:
         if self.withheld is not None:
             self._held.append(message)
             return
         kind = message["type"]
+        if (
+            kind == "http.response.body"
+            and self._server_context is not None
+            and not message.get("more_body", False)
+        ):
+            self.started = True
+            await self._send_last(message)
+            return
         if kind == "http.response.start" or kind == "websocket.http.response.start":
             unit = self.unit
             status: int = message["status"]  # type: ignore[typeddict-item]
@@ -261,6 +322,10 @@ class _Responder:
         finally:
             if unit.callbacks:
                 await unit.run_callbacks()
+
+
+async def _forward(send: ASGISendCallable, message: ASGISendEvent) -> None:
+    await send(message)
 
 
 def _refuse_wsgi_app(app: object) -> None:

@@ -94,8 +94,9 @@ class RetryPolicy:
 
     def failure(self, evidence: Evidence, escaped: BaseException | None) -> BaseException | None:
         """The transient failure that makes the attempt worth replaying, if any."""
-        candidates = [escaped] if escaped is not None else []
-        candidates += evidence.errors
+        candidates = list(evidence.errors)  # the database's own word first
+        if escaped is not None:
+            candidates.append(escaped)
         for error in candidates:
             if isinstance(error, Exception) and self.retry_on(error):
                 return error
@@ -123,13 +124,15 @@ class RetryPolicy:
 class Evidence:
     """What one attempt of a request did that bears on replaying it."""
 
-    __slots__ = ("committed", "errors")
+    __slots__ = ("committed", "errors", "replayable")
 
-    def __init__(self) -> None:
+    def __init__(self, replayable: bool = True) -> None:
         #: Database errors met on the way, even those the app caught and answered.
         self.errors: list[BaseException] = []
         #: A Session of the request committed: replaying would apply that twice.
         self.committed = False
+        #: Attempts are left: a transient failure of this one is not the last word.
+        self.replayable = replayable
 
 
 def _evidence() -> Evidence | None:

@@ -31,7 +31,7 @@ from sqlalchemy.pool import SingletonThreadPool
 from .offload import run_in_worker, run_shielded
 from .oncommit import Callback, run_callback
 from .policy import CommitPolicy, describe, log_open, log_removed, warn_if_unsaved
-from .retry import Evidence
+from .retry import Evidence, is_transient
 from .scope import RequestScope, ScopedSession, _current, check_request_scoped, is_async
 
 __all__ = ["Binding", "UnitOfWork", "request_scope"]
@@ -157,7 +157,10 @@ class UnitOfWork:
 
     def holds_sessions(self) -> bool:
         request = self.request
-        return any(b.current(request) is not None for b in self.bindings)
+        for binding in self.bindings:  # a plain loop: this runs on every request
+            if binding.session.registry.registry.get(request) is not None:
+                return True
+        return False
 
     # -- settling --------------------------------------------------------------
 
@@ -212,9 +215,10 @@ class UnitOfWork:
         for index, session in enumerate(commits):
             try:
                 yield session, _commit
-            except Exception:
+            except Exception as exc:
                 kept = ", ".join(self._label(s) for s in commits[:index])
-                log.error(
+                log.log(
+                    self._failure_level(exc),
                     "commit failed for %s in %s; answering with an error%s",
                     describe(self.request),
                     self._label(session),
@@ -227,6 +231,13 @@ class UnitOfWork:
                 for rest in commits[index:]:
                     yield rest, _rollback_quietly
                 raise
+
+    def _failure_level(self, exc: BaseException) -> int:
+        """ERROR, unless the request will be replayed after this transient failure."""
+        evidence = self.evidence
+        if evidence is not None and evidence.replayable and is_transient(exc):
+            return logging.WARNING
+        return logging.ERROR
 
     def _two_phase(self, commits: list[Any]) -> Generator[Step, None, None]:
         for index, session in enumerate(commits):

@@ -39,7 +39,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import Context, copy_context
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import scoped_session
 
@@ -109,32 +109,16 @@ class WSGISessionMiddleware:
             _close_orphans()
         if self.retry.retries:
             return self._serve_with_replays(environ, start_response)
-        response = self._open(environ, start_response, _Response)
+        response = self._open(environ, start_response)
         try:
-            body: Iterable[bytes] = response.context.run(self.app, environ, response.start_response)
+            response.run(self.app)
         except BaseException:
             response.unit.failed = True
             response.close()
             raise
-        response.body = body
-        listed = isinstance(body, (list, tuple))
-        file_wrapper = environ.get("wsgi.file_wrapper")
-        if listed or (isinstance(file_wrapper, type) and isinstance(body, file_wrapper)):
-            # No app code runs after this point: settle and remove now, and hand the
-            # body to the server as it is (a file wrapper keeps its sendfile).
-            try:
-                response.settle()
-            except BaseException:
-                response.close()
-                raise
-            response.end()
-            if listed and response.unit.callbacks:
-                return response  # on_commit callbacks wait until the server closes it
-            response.close()
-            return body
-        return response
+        return response.hand_over()
 
-    def _open(self, environ: WSGIEnvironment, start_response: StartResponse, kind: type[_R]) -> _R:
+    def _open(self, environ: WSGIEnvironment, start_response: StartResponse) -> _Response:
         """A scope of its own for one attempt at the request: the request runs in a
         context of its own, so the server's context never holds the token and nothing
         can leak into the next request of this thread."""
@@ -142,34 +126,38 @@ class WSGISessionMiddleware:
         context = copy_context()
         context.run(_current.set, request)
         environ[TOKEN_KEY] = request
-        return kind(UnitOfWork(request, self.binding), context, start_response)
+        return _Response(UnitOfWork(request, self.binding), context, start_response)
 
     def _serve_with_replays(
         self, environ: WSGIEnvironment, start_response: StartResponse
     ) -> Iterable[bytes]:
         """Serve the request, replaying it on a transient database failure while safe:
-        the body's first chunk is made (and the sessions settled) before the server sees
-        the status, so a failed attempt can still be dropped unseen."""
+        the server sees the status only once the attempt is settled, so a failed
+        attempt can still be dropped unseen."""
         retry = self.retry
         length = environ.get("CONTENT_LENGTH")
         body_input = RecordingInput(
             environ["wsgi.input"], retry.body_limit, int(length) if length else None
         )
+        original = dict(environ)  # each attempt runs on the server's own environ, as it was
         for attempt in range(retry.retries + 1):
-            attempt_environ = dict(environ)
-            attempt_environ["wsgi.input"] = body_input
-            response = self._open(attempt_environ, start_response, _ReplayableResponse)
+            if attempt:
+                environ.clear()
+                environ.update(original)
+            environ["wsgi.input"] = body_input
+            response = self._open(environ, start_response)
             unit = response.unit
-            unit.evidence = Evidence()
+            unit.evidence = Evidence(replayable=attempt < retry.retries)
             escaped: Exception | None = None
             try:
-                response.body = response.context.run(
-                    self.app, attempt_environ, response.start_response
-                )
-                response.prefetch()
+                response.run(self.app)
             except Exception as exc:
                 unit.failed = True
                 escaped = exc
+            except BaseException:
+                unit.failed = True
+                response.close()
+                raise
             error = retry.failure(unit.evidence, escaped)
             if escaped is None and unit.status < 500:
                 error = None
@@ -180,16 +168,12 @@ class WSGISessionMiddleware:
                 if escaped is not None:
                     response.close()
                     raise escaped
-                response.forward_start()
-                return response
+                return response.hand_over()
             response.close()
             retry.log_replay(unit.request, attempt + 1, retry.retries, error)
             time.sleep(retry.backoff(attempt + 1))
             body_input = RecordingInput(body_input.replay(), retry.body_limit, body_input.length)
         raise AssertionError("unreachable")  # pragma: no cover
-
-
-_R = TypeVar("_R", bound="_Response")
 
 
 #: Per thread, the ends of responses collected in another thread that could not close
@@ -215,16 +199,24 @@ def _status_code(status: str) -> int:
 
 
 class _Response:
-    """The app's response iterable: each chunk is made in the request's context, the
-    sessions are settled before the first non-empty chunk, and close ends the request.
+    """One attempt at a request's response.
 
-    A server (or a test client) that never closes the iterable leaves no token
-    behind, since the token only ever lives in the request's own context; the
-    Session is then removed when the iterable is collected.
+    The app's status reaches the server only once the request's sessions are settled:
+    after the app returned a list or a file wrapper, after the body's first non-empty
+    chunk was made (or its end was reached), or at the app's first ``write()``.  That is
+    PEP 3333's own rule for when the headers may go out, kept here even for servers that
+    send them earlier; and it lets a failed commit, or an attempt to be replayed, never
+    reach the client.  Each chunk is made in the request's context; close ends the
+    request.  A server (or a test client) that never closes the iterable leaves no token
+    behind, since the token only ever lives in the request's own context; the Session is
+    then removed when the iterable is collected.
     """
 
     __slots__ = (
         "_chunks",
+        "_done",
+        "_first",
+        "_pending_start",
         "_server_write",
         "_start_response",
         "_thread",
@@ -232,6 +224,8 @@ class _Response:
         "closed",
         "context",
         "ended",
+        "kind",
+        "started",
         "unit",
     )
 
@@ -240,16 +234,23 @@ class _Response:
         self.context = context
         self._start_response = start_response
         self._server_write: Callable[[bytes], object] | None = None
+        self._pending_start: tuple[str, list[tuple[str, str]], OptExcInfo | None] | None = None
         self._thread = threading.get_ident()
         self.body: Iterable[bytes] = ()
         self._chunks: Iterator[bytes] | None = None
+        self._first = b""
+        self._done = False
+        #: "iterable", "list" or "file": what the app returned.
+        self.kind = "iterable"
+        #: Something went to the server through ``write()``: no replay from then on.
+        self.started = False
         self.closed = False
         self.ended = False
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
     ) -> Callable[[bytes], object]:
-        """Record the status; the decision waits until the response can really start."""
+        """Record the status; it reaches the server once the response can really start."""
         code = _status_code(status)
         unit = self.unit
         if exc_info is not None:
@@ -257,14 +258,59 @@ class _Response:
             unit.status = code
         elif not unit.status:
             unit.status = code
-        self._server_write = self._start_response(status, headers, exc_info)
+        self._pending_start = (status, headers, exc_info)
         return self.write
 
     def write(self, data: bytes) -> object:
         """The legacy ``write()`` callable: the headers go out with it, so settle first."""
         self.settle()
+        self.forward_start()
+        self.started = True
         assert self._server_write is not None
         return self._server_write(data)
+
+    def forward_start(self) -> None:
+        """Give the server the status the app gave last."""
+        pending, self._pending_start = self._pending_start, None
+        if pending is not None:
+            self._server_write = self._start_response(*pending)
+
+    def run(self, app: WSGIApplication) -> None:
+        """Call the app, make the body's first chunk (unless the body is a list or a file
+        wrapper, where no app code runs any more), and settle."""
+        environ = self.unit.request.raw
+        body: Iterable[bytes] = self.context.run(app, environ, self.start_response)
+        self.body = body
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(body, (list, tuple)):
+            self.kind = "list"
+        elif isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
+            self.kind = "file"
+        else:
+            self._chunks = self.context.run(iter, body)
+            while True:
+                try:
+                    chunk: bytes = self.context.run(next, self._chunks)
+                except StopIteration:
+                    self._done = True
+                    break
+                if chunk:
+                    self._first = chunk
+                    break
+        self.settle()
+
+    def hand_over(self) -> Iterable[bytes]:
+        """Give the server the status, and the body to send.  A list or a file wrapper
+        goes as it is (the wrapper keeps its sendfile), its sessions removed at once."""
+        self.forward_start()
+        if self.kind == "iterable":
+            return self
+        self.end()
+        if self.kind == "list" and self.unit.callbacks:
+            return self  # on_commit callbacks wait until the server closes it
+        self.closed = True
+        self.finish()
+        return self.body
 
     def settle(self) -> None:
         unit = self.unit
@@ -279,23 +325,16 @@ class _Response:
 
     def __iter__(self) -> Iterator[bytes]:
         if self._chunks is None:
-            self._chunks = self.context.run(iter, self.body)
+            self._chunks = iter(self.body)  # a list: no app code runs
         return self
 
     def __next__(self) -> bytes:
-        if self.unit.settled:
-            return self.context.run(next, self._chunks)  # type: ignore[arg-type]
-        try:
-            chunk: bytes = self.context.run(next, self._chunks)  # type: ignore[arg-type]
-        except StopIteration:
-            self.settle()  # the body ended without a chunk: the headers go out now
-            raise
-        except BaseException:
-            self.unit.failed = True
-            raise
-        if chunk:
-            self.settle()
-        return chunk
+        if self._first:
+            chunk, self._first = self._first, b""
+            return chunk
+        if self._done:
+            raise StopIteration
+        return self.context.run(next, self._chunks)  # type: ignore[arg-type]
 
     def close(self) -> None:
         """Close the app's iterable, remove the sessions, then run the request's
@@ -351,69 +390,6 @@ class _Response:
             ResourceWarning,
             stacklevel=1,
         )
-
-
-class _ReplayableResponse(_Response):
-    """A response whose attempt may still be dropped for a replay: the status reaches
-    the server only once the first chunk is made and the sessions are settled."""
-
-    __slots__ = ("_done", "_first", "_pending_start", "started")
-
-    def __init__(self, unit: UnitOfWork, context: Context, start_response: StartResponse) -> None:
-        super().__init__(unit, context, start_response)
-        self._pending_start: tuple[str, list[tuple[str, str]], OptExcInfo | None] | None = None
-        self._first = b""
-        self._done = False
-        #: Something went to the server (through ``write()``): no replay from then on.
-        self.started = False
-
-    def start_response(
-        self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
-    ) -> Callable[[bytes], object]:
-        code = _status_code(status)
-        unit = self.unit
-        if exc_info is not None:
-            unit.failed = True
-            unit.status = code
-        elif not unit.status:
-            unit.status = code
-        self._pending_start = (status, headers, exc_info)
-        return self.write
-
-    def forward_start(self) -> None:
-        """Give the server the status now that this attempt's response is the one."""
-        pending, self._pending_start = self._pending_start, None
-        if pending is not None:
-            self._server_write = self._start_response(*pending)
-
-    def write(self, data: bytes) -> object:
-        self.settle()
-        self.forward_start()
-        self.started = True
-        assert self._server_write is not None
-        return self._server_write(data)
-
-    def prefetch(self) -> None:
-        """Make the body's first non-empty chunk (or reach its end), then settle."""
-        self._chunks = self.context.run(iter, self.body)
-        while True:
-            try:
-                chunk: bytes = self.context.run(next, self._chunks)
-            except StopIteration:
-                self._done = True
-                break
-            if chunk:
-                self._first = chunk
-                break
-        self.settle()
-
-    def __next__(self) -> bytes:
-        if self._first:
-            chunk, self._first = self._first, b""
-            return chunk
-        if self._done:
-            raise StopIteration
-        return super().__next__()
 
 
 def _refuse_asgi_app(app: object) -> None:
