@@ -9,13 +9,13 @@ as soon as the app has returned when its body is a list or a ``wsgi.file_wrapper
 ``sendfile`` still works).  Until then the body may still use the session.
 
 With ``commit="on_success"`` (or a callable) the request's sessions are settled at the
-last moment before the server can send the headers, with the status in force then:
-when the app returns a list, before the first non-empty chunk of an iterable reaches
-the server, at the first ``write()``, or when an iterable ends without a chunk.
-``start_response`` only records the status (PEP 3333), so an app that raises after
-calling it, a generator that fails before its first chunk, or an error handler that
-calls ``start_response("500 ...", headers, exc_info)`` rolls back; a commit that fails
-raises before the first chunk leaves, and the server answers 500.  Writes made while
+last moment before the headers may leave (PEP 3333: with the first non-empty chunk),
+with the status in force then: when the app returns a list, once the first non-empty
+chunk of an iterable is made (or it ended without one), or at the first ``write()``.
+The server's ``start_response`` gets the status only after that, so an app that raises
+after calling ``start_response``, a generator that fails before its first chunk, or an
+error handler that calls ``start_response("500 ...", headers, exc_info)`` rolls back,
+and a commit that fails raises before the server has seen any status: it answers 500.  Writes made while
 the rest of the body streams come after that decision and must be committed by the app.
 
 Stack one middleware per database; they share the request's token, and the outermost
