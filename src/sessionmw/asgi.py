@@ -250,20 +250,16 @@ class _Responder:
         self._server_context = contextvars.copy_context()
 
     async def _send_last(self, message: ASGISendEvent) -> None:
-        """Send the body's last message in the server's context, not this request's.
+        """Send the body's last message in the server's context, not the caller's.
 
         uvicorn starts the next request of a kept-alive connection from inside this very
-        call, and that request's task inherits whatever context the call runs in.  Run
+        call, and that request's task inherits whatever context the call runs in.  Called
         from another task (asgiref's ``WsgiToAsgi`` sends from one of its own), that
         context points at this request's executor, which is shut down by then: the next
-        request fails with "CurrentThreadExecutor already quit or is broken".
+        request failed with "CurrentThreadExecutor already quit or is broken".
         """
         if asyncio.current_task() is self._server_task:
-            token = _current.set(None)  # the next request starts without this one's token
-            try:
-                await self._send(message)
-            finally:
-                _current.reset(token)
+            await self._send(message)
             return
         assert self._server_context is not None
         loop = asyncio.get_running_loop()
@@ -291,7 +287,8 @@ class _Responder:
                 )
             if not unit.status:
                 unit.status = status
-                await unit.settle()
+                if unit.holds_sessions():  # else nothing to settle: no coroutine to await
+                    await unit.settle()
             if status >= 500 and self._replay is not None and unit.evidence is not None:
                 error = self._replay.failure(unit.evidence, None)
                 if error is not None and self.may_replay():

@@ -15,8 +15,9 @@ chunk of an iterable is made (or it ended without one), or at the first ``write(
 The server's ``start_response`` gets the status only after that, so an app that raises
 after calling ``start_response``, a generator that fails before its first chunk, or an
 error handler that calls ``start_response("500 ...", headers, exc_info)`` rolls back,
-and a commit that fails raises before the server has seen any status: it answers 500.  Writes made while
-the rest of the body streams come after that decision and must be committed by the app.
+and a commit that fails raises before the server has seen any status: it answers 500.
+Writes made while the rest of the body streams come after that decision and must be
+committed by the app.
 
 Stack one middleware per database; they share the request's token, and the outermost
 settles every session of the request in one place.  The middleware does not wrap
