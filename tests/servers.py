@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 from werkzeug.serving import make_server
 
 
@@ -73,3 +77,30 @@ def uvicorn_server(app: Any, on_stop: Any = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@contextmanager
+def answering(
+    process: subprocess.Popen[Any], base: str, log: Path | None = None, timeout: float = 45
+) -> Iterator[str]:
+    """Wait until a server started as ``process`` answers ``/_state``; stop it afterwards."""
+
+    def up() -> bool:
+        if process.poll() is not None:
+            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+            raise AssertionError(f"the server exited: {tail}")
+        try:
+            return httpx.get(f"{base}/_state", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(up, timeout=timeout, what="the server to start")
+        yield base
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections import Counter
@@ -31,7 +30,7 @@ from examples.flask_app.models import Author, Book
 from examples.starlette_app.models import Event
 from examples.starlette_app.models import Note as StarletteNote
 from tests.models import User
-from tests.servers import free_port, wait_until
+from tests.servers import answering, free_port, wait_until
 
 REQUESTS = int(os.environ.get("SESSIONMW_LOAD_REQUESTS", "5000"))
 CONCURRENCY = int(os.environ.get("SESSIONMW_LOAD_CONCURRENCY", "100"))
@@ -62,23 +61,8 @@ def serve(command: list[str], url: str, port: int) -> Iterator[str]:
     process = subprocess.Popen(command, cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
 
-    def up() -> bool:
-        assert process.poll() is None, "the server exited"
-        try:
-            return httpx.get(f"{base}/_state", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(up, timeout=30, what="the server to start")
-        yield base
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
+    with answering(process, base) as url:
+        yield url
 
 
 def run_load(base: str, app: str, tmp_path: Path) -> list[list[Any]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -47,7 +46,7 @@ from tests.promise_apps import (
     commit_point_app,
 )
 from tests.promise_litestar import StreamProbe, litestar_stream_app
-from tests.servers import free_port, uvicorn_server, wait_until, werkzeug_server
+from tests.servers import answering, free_port, uvicorn_server, wait_until, werkzeug_server
 
 pytestmark = pytest.mark.slow
 
@@ -77,24 +76,8 @@ def server_process(command: list[str], env: dict[str, str], port: int, log: Path
         )
     base = f"http://127.0.0.1:{port}"
 
-    def up() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited: {log.read_text()[-3000:]}")
-        try:
-            return httpx.get(f"{base}/_state", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(up, timeout=30, what="the server to start")
-        yield base
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+    with answering(process, base, log) as url:
+        yield url
 
 
 def drained(base: str) -> dict[str, int]:

@@ -32,7 +32,6 @@ import asyncio
 import gc
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -51,7 +50,7 @@ from sqlalchemy.pool import NullPool
 import sessionmw
 from tests import retry_apps
 from tests.retry_apps import APPLICATION_NAME, create_schema
-from tests.servers import free_port, uvicorn_server, wait_until, werkzeug_server
+from tests.servers import answering, free_port, uvicorn_server, wait_until, werkzeug_server
 from tests.wsgi_helpers import Server
 
 pytestmark = pytest.mark.slow
@@ -105,23 +104,8 @@ def serve(stack: str, url: str, retries: int, log: Path) -> Iterator[str]:
         )
     base = f"http://127.0.0.1:{port}"
 
-    def up() -> bool:
-        assert process.poll() is None, f"the server exited:\n{log.read_text()[-3000:]}"
-        try:
-            return httpx.get(f"{base}/_state", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(up, timeout=30, what="the server to start")
-        yield base
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+    with answering(process, base, log) as url:
+        yield url
 
 
 @contextmanager

@@ -25,7 +25,6 @@ import importlib.util
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -44,7 +43,7 @@ from sqlalchemy.pool import NullPool
 
 from tests.matrix_apps import stream_body
 from tests.models import Base, Note, User
-from tests.servers import free_port, wait_until
+from tests.servers import answering, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -220,24 +219,8 @@ def serve(server: Server, url: str, app_name: str, log: Path) -> Iterator[str]:
         )
     base = f"http://127.0.0.1:{port}"
 
-    def up() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited: {log_tail(log)}")
-        try:
-            return httpx.get(f"{base}/_state", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(up, timeout=45, what="the server to start")
-        yield base
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+    with answering(process, base, log) as url:
+        yield url
 
 
 def log_tail(log: Path, size: int = 4000) -> str:
