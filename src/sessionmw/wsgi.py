@@ -252,7 +252,10 @@ class _Response:
         self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
     ) -> Callable[[bytes], object]:
         """Record the status; it reaches the server once the response can really start."""
-        code = _status_code(status)
+        try:
+            code = int(status[:3])
+        except ValueError:
+            code = _status_code(status)
         unit = self.unit
         if exc_info is not None:
             unit.failed = True  # an error response replaces what was started
@@ -278,27 +281,34 @@ class _Response:
 
     def run(self, app: WSGIApplication) -> None:
         """Call the app, make the body's first chunk (unless the body is a list or a file
-        wrapper, where no app code runs any more), and settle."""
+        wrapper, where no app code runs any more), and settle: all in the request's
+        context, entered once."""
+        self.context.run(self._run, app)
+
+    def _run(self, app: WSGIApplication) -> None:
         environ = self.unit.request.raw
-        body: Iterable[bytes] = self.context.run(app, environ, self.start_response)
+        body: Iterable[bytes] = app(environ, self.start_response)
         self.body = body
-        file_wrapper = environ.get("wsgi.file_wrapper")
         if isinstance(body, (list, tuple)):
             self.kind = "list"
-        elif isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
-            self.kind = "file"
         else:
-            self._chunks = self.context.run(iter, body)
-            while True:
-                try:
-                    chunk: bytes = self.context.run(next, self._chunks)
-                except StopIteration:
+            file_wrapper = environ.get("wsgi.file_wrapper")
+            if isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
+                self.kind = "file"
+            else:
+                self._chunks = chunks = iter(body)
+                for chunk in chunks:
+                    if chunk:
+                        self._first = chunk
+                        break
+                else:
                     self._done = True
-                    break
-                if chunk:
-                    self._first = chunk
-                    break
-        self.settle()
+        unit = self.unit
+        if not unit.settled:
+            if unit.holds_sessions():
+                unit.settle_sync()
+            else:
+                unit.settled = True
 
     def hand_over(self) -> Iterable[bytes]:
         """Give the server the status, and the body to send.  A list or a file wrapper
