@@ -138,7 +138,11 @@ class ASGISessionMiddleware:
             raise
         finally:
             try:
-                await responder.end()
+                unit = responder.unit
+                if unit.callbacks or unit.holds_sessions():
+                    await responder.end()
+                else:  # nothing to settle or remove: no coroutine to await
+                    request.ended = True
             finally:
                 _current.reset(token)
                 scope.pop(TOKEN_KEY, None)  # type: ignore[misc]  # no cycle scope <-> token
