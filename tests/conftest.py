@@ -173,6 +173,17 @@ def assert_clean(session: Any, engine: Engine, tracker: Tracker | None = None) -
         sessionmw.current_request()
 
 
+@pytest.fixture(params=["sync", "async"])
+def db(request: pytest.FixtureRequest, engine: Engine, tracker: Tracker) -> Any:
+    """The same operations (``tests.asgi_helpers.Db``) on a sync and on an async session."""
+    from tests.asgi_helpers import Db  # it imports this module: not at the top
+
+    if request.param == "sync":
+        return Db("sync", request.getfixturevalue("Session"), engine, tracker)
+    pool_engine = request.getfixturevalue("async_engine").sync_engine
+    return Db("async", request.getfixturevalue("AsyncSession"), engine, tracker, pool_engine)
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

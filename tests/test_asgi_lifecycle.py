@@ -26,14 +26,6 @@ from tests.models import Note, User
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["sync", "async"])
-def db(request: pytest.FixtureRequest, engine: Engine, tracker: Tracker) -> Db:
-    if request.param == "sync":
-        return Db("sync", request.getfixturevalue("Session"), engine, tracker)
-    pool_engine = request.getfixturevalue("async_engine").sync_engine
-    return Db("async", request.getfixturevalue("AsyncSession"), engine, tracker, pool_engine)
-
-
 def client(app: Any) -> httpx.AsyncClient:
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     return httpx.AsyncClient(transport=transport, base_url="http://test")

@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 import sessionmw
 from tests.asgi_helpers import Db
-from tests.conftest import Tracker, assert_clean, user_names
+from tests.conftest import assert_clean, user_names
 from tests.models import Note, User
 from tests.servers import uvicorn_server
 from tests.wsgi_helpers import Server
@@ -189,14 +189,6 @@ def test_wsgi_rollback_by_policy_drops_them(Session: Any, engine: Engine) -> Non
 
 
 # -- ASGI ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sync", "async"])
-def db(request: pytest.FixtureRequest, engine: Engine, tracker: Tracker) -> Db:
-    if request.param == "sync":
-        return Db("sync", request.getfixturevalue("Session"), engine, tracker)
-    pool_engine = request.getfixturevalue("async_engine").sync_engine
-    return Db("async", request.getfixturevalue("AsyncSession"), engine, tracker, pool_engine)
 
 
 def asgi_app(db: Db, record: list[Any], commit: str = "on_success") -> Starlette:

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import subprocess
 import sys
@@ -36,7 +35,6 @@ from sqlalchemy.pool import NullPool
 import sessionmw
 from tests.conftest import Tracker, assert_clean, user_names
 from tests.models import Base, User
-from tests.postgres import PostgresServer
 from tests.promise_apps import (
     APPLICATION_NAME,
     FAILING_VARIANTS,
@@ -277,22 +275,6 @@ def test_gunicorn_sends_a_file_wrapper_with_sendfile_through_the_middleware(
 BAD_REQUESTS = 100
 GOOD_REQUESTS = 20
 CONCURRENCY = 10
-
-
-_second_databases = itertools.count()
-
-
-@pytest.fixture
-def second_pg_url(postgres: PostgresServer) -> Iterator[str]:
-    """Another fresh database on the same server (``pg_url`` is the first)."""
-    name = f"promise_{os.getpid()}_{next(_second_databases)}"
-    admin = create_engine(postgres.url(), isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    yield postgres.url(database=name)
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
-    admin.dispose()
 
 
 async def _post_all(base: str, paths: list[str]) -> list[int]:
