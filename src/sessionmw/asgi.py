@@ -33,24 +33,31 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from .metrics import observe
 from .policy import Commit, CommitPolicy, track_unsaved_writes
 from .retry import Evidence, RecordingReceive, RetryPolicy
+from .routing import marker_for, routes
 from .scope import TOKEN_KEY, RequestScope, ScopedSession, _current, check_request_scoped
 from .unit import Binding, UnitOfWork
 
 if TYPE_CHECKING:
     from asgiref.typing import (
-        ASGI3Application,
         ASGIReceiveCallable,
         ASGISendCallable,
         ASGISendEvent,
         Scope,
     )
+    from opentelemetry.trace import TracerProvider
+
+#: Any ASGI application, as frameworks type it: Starlette, FastAPI, httpx and uvicorn type
+#: the scope and messages as MutableMappings, Litestar and asgiref as TypedDicts, and a
+#: signature typed after one is refused by mypy where the other is expected.
+AnyASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 __all__ = ["ASGISessionMiddleware"]
 
@@ -70,11 +77,21 @@ class ASGISessionMiddleware:
         error (:func:`sessionmw.is_transient`) is replayed, when that is safe.
     :param retry_on: ``(exc) -> bool`` in place of :func:`sessionmw.is_transient`.
     :param retry_body_limit: the largest request body, in bytes, kept for a replay.
+    :param read_your_writes: with replicas, how many seconds a client that wrote reads
+        from the primary (a cookie; 0 turns it off).
+    :param read_your_writes_cookie: that cookie's name.
+    :param server_timing: add a ``Server-Timing`` header to HTTP responses: the request's
+        statements and database time up to and including its settle.
+    :param max_statements: log a WARNING when a request runs more statements than this
+        (a query in a loop: N+1).
+    :param tracing: ``True`` (the global tracer provider) or a ``TracerProvider``: an
+        OpenTelemetry span per request, current while the app runs; needs
+        ``pip install "sessionmw[opentelemetry]"``.
     """
 
     def __init__(
         self,
-        app: ASGI3Application,
+        app: AnyASGIApp,
         session: ScopedSession,
         *,
         commit: Commit = "manual",
@@ -83,6 +100,11 @@ class ASGISessionMiddleware:
         retries: int = 0,
         retry_on: Callable[[BaseException], bool] | None = None,
         retry_body_limit: int = 1_048_576,
+        read_your_writes: float = 5.0,
+        read_your_writes_cookie: str = "sessionmw_primary",
+        server_timing: bool = False,
+        max_statements: int | None = None,
+        tracing: bool | TracerProvider = False,
     ) -> None:
         _refuse_wsgi_app(app)
         self.app = app
@@ -91,8 +113,10 @@ class ASGISessionMiddleware:
         if self.policy.manual:
             track_unsaved_writes(session)
         self.state_key = state_key
-        self.binding = Binding(self.session, self.policy, state_key)
-        self.retry = RetryPolicy(retries, retry_on, retry_body_limit)
+        marker = marker_for(session, read_your_writes, read_your_writes_cookie)
+        options = observe(server_timing, max_statements, tracing)
+        self.binding = Binding(self.session, self.policy, state_key, marker, options)
+        self.retry = RetryPolicy(retries, retry_on, retry_body_limit, routes(session))
         self.scope_types = frozenset(scope_types)
         unknown = self.scope_types - {"http", "websocket"}
         if unknown:
@@ -101,9 +125,7 @@ class ASGISessionMiddleware:
                 "other scope types always pass through."
             )
 
-    async def __call__(
-        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:  # see AnyASGIApp
         if scope["type"] not in self.scope_types:
             await self.app(scope, receive, send)
             return
@@ -116,10 +138,10 @@ class ASGISessionMiddleware:
             outer.unit.add(self.binding)  # stacked: the outermost middleware settles all
             await self.app(scope, receive, send)
             return
-        if self.retry.retries and scope["type"] == "http":
+        if self.retry.replays and scope["type"] == "http":
             await self._serve_with_replays(scope, receive, send)
             return
-        responder = _Responder(UnitOfWork(RequestScope(scope["type"], scope), self.binding), send)  # type: ignore[arg-type]
+        responder = _Responder(UnitOfWork(RequestScope(scope["type"], scope), self.binding), send)
         await self._attempt(scope, receive, responder)
 
     async def _attempt(
@@ -130,6 +152,7 @@ class ASGISessionMiddleware:
         if request.kind == "http":
             responder.remember_server_context()
         token = _current.set(request)
+        traced = responder.unit.activate()
         scope[TOKEN_KEY] = request  # type: ignore[literal-required]
         try:
             await self.app(scope, receive, responder.send)
@@ -142,8 +165,10 @@ class ASGISessionMiddleware:
                 if unit.callbacks or unit.holds_sessions():
                     await responder.end()
                 else:  # nothing to settle or remove: no coroutine to await
-                    request.ended = True
+                    unit.end_empty()
             finally:
+                if traced is not None:
+                    responder.unit.deactivate(traced)
                 _current.reset(token)
                 scope.pop(TOKEN_KEY, None)  # type: ignore[misc]  # no cycle scope <-> token
 
@@ -161,15 +186,16 @@ class ASGISessionMiddleware:
         original = dict(attempt_scope)
         state: dict[str, Any] = attempt_scope.setdefault("state", {})
         original_state = dict(state)
-        for attempt in range(retry.retries + 1):
+        evidence: Evidence | None = None
+        for attempt in range(retry.replays + 1):
             if attempt:
                 attempt_scope.clear()
                 attempt_scope.update(original)
                 state.clear()
                 state.update(original_state)
             unit = UnitOfWork(RequestScope("http", attempt_scope), self.binding)
-            unit.evidence = Evidence(replayable=attempt < retry.retries)
-            replay = retry if attempt < retry.retries else None
+            unit.evidence = evidence = retry.evidence(evidence)
+            replay = retry if evidence.replayable or evidence.failover_left else None
             responder = _Responder(unit, send, replay, body)
             try:
                 await self._attempt(attempt_scope, attempt_receive, responder)
@@ -184,7 +210,7 @@ class ASGISessionMiddleware:
                 if not responder.may_replay():  # a commit came after the 5xx was held
                     await responder.send_withheld()
                     return
-            retry.log_replay(unit.request, attempt + 1, retry.retries, error)
+            retry.log_replay(unit.request, attempt + 1, retry.replays, error)
             await anyio.sleep(retry.backoff(attempt + 1))
             attempt_receive = body.replay()
 
@@ -293,6 +319,9 @@ class _Responder:
                 unit.status = status
                 if unit.holds_sessions():  # else nothing to settle: no coroutine to await
                     await unit.settle()
+                extra = unit.response_headers()
+                if extra:
+                    message = _with_headers(message, extra)
             if status >= 500 and self._replay is not None and unit.evidence is not None:
                 error = self._replay.failure(unit.evidence, None)
                 if error is not None and self.may_replay():
@@ -312,7 +341,7 @@ class _Responder:
         unit = self.unit
         try:
             if not unit.holds_sessions():
-                unit.request.ended = True
+                unit.end_empty()
                 return
             try:
                 if unit.request.kind == "websocket" and not unit.failed:
@@ -323,6 +352,12 @@ class _Responder:
         finally:
             if unit.callbacks:
                 await unit.run_callbacks()
+
+
+def _with_headers(message: Any, extra: Sequence[tuple[str, str]]) -> Any:
+    """A copy of a response start with ``extra`` headers added (the app's stays as sent)."""
+    added = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in extra]
+    return {**message, "headers": [*message.get("headers", ()), *added]}
 
 
 async def _forward(send: ASGISendCallable, message: ASGISendEvent) -> None:

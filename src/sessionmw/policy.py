@@ -8,6 +8,7 @@ still become a 500: a client is never told "200 OK" for data that was not saved.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from time import perf_counter
 from typing import Any, Literal
@@ -18,7 +19,15 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from .scope import RequestScope, ScopedSession
 
-__all__ = ["Commit", "CommitPolicy", "describe", "log_open", "log_removed", "warn_if_unsaved"]
+__all__ = [
+    "Commit",
+    "CommitPolicy",
+    "describe",
+    "log_open",
+    "log_removed",
+    "session_events_target",
+    "warn_if_unsaved",
+]
 
 log = logging.getLogger("sessionmw")
 
@@ -79,11 +88,22 @@ def log_open(request: RequestScope) -> float:
     return perf_counter()
 
 
-def log_removed(request: RequestScope, status: int, started: float) -> None:
-    """Log the session's removal with the request's duration, if :func:`log_open` timed it."""
+def log_removed(
+    request: RequestScope, status: int, started: float, statements: int = 0, db_time: float = 0.0
+) -> None:
+    """Log the session's removal with the request's duration, if :func:`log_open` timed it,
+    and what it did to the database: its statements and their time in milliseconds."""
     if started:
         elapsed = (perf_counter() - started) * 1000
-        log.debug("remove %s (status %d) after %.1f ms", describe(request), status, elapsed)
+        log.debug(
+            "remove %s (status %d) after %.1f ms; database: %d statement%s, %.1f ms",
+            describe(request),
+            status,
+            elapsed,
+            statements,
+            "" if statements == 1 else "s",
+            db_time * 1000,
+        )
 
 
 def warn_if_unsaved(session: Session, request: RequestScope) -> None:
@@ -113,16 +133,26 @@ def _clear_unsaved(session: Session, transaction: SessionTransaction) -> None:
         session.info.pop(_UNSAVED, None)
 
 
+def session_events_target(session: ScopedSession) -> Any:
+    """Where to listen for the Session events of ``session``'s factory: the factory, or
+    for an AsyncSession its sync Session class (by default the ``Session`` class itself,
+    so then the events of every Session in the process are heard)."""
+    factory: Any = session.session_factory
+    if isinstance(factory, async_sessionmaker):
+        return factory.kw.get("sync_session_class") or factory.class_.sync_session_class
+    return factory
+
+
 def track_unsaved_writes(session: ScopedSession) -> None:
     """Remember flushed-but-uncommitted ORM writes of ``session``'s factory, for
     :func:`warn_if_unsaved`; only the flushes of that factory's sessions pay for it."""
-    factory: Any = session.session_factory
-    if isinstance(factory, async_sessionmaker):
-        # An AsyncSession's events live on its sync Session class (by default the
-        # ``Session`` class itself, so then every flush in the process is watched).
-        target = factory.kw.get("sync_session_class") or factory.class_.sync_session_class
-    else:
-        target = factory
-    if not event.contains(target, "after_flush", _mark_unsaved):
+    target = session_events_target(session)
+    # A weak set, not event.contains(): SQLAlchemy keys that by id(), which a new
+    # factory's Session class may reuse from a collected one.
+    if target not in _tracked:
+        _tracked.add(target)
         event.listen(target, "after_flush", _mark_unsaved)
         event.listen(target, "after_transaction_end", _clear_unsaved)
+
+
+_tracked: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -27,7 +27,14 @@ from sqlalchemy.orm import Session
 
 from .scope import RequestScope, _current
 
-__all__ = ["Evidence", "RecordingInput", "RecordingReceive", "RetryPolicy", "is_transient"]
+__all__ = [
+    "Evidence",
+    "RecordingInput",
+    "RecordingReceive",
+    "RetryPolicy",
+    "is_transient",
+    "note_replica_failure",
+]
 
 log = logging.getLogger("sessionmw")
 
@@ -67,13 +74,14 @@ def is_transient(exc: BaseException) -> bool:
 class RetryPolicy:
     """What ``retries=``, ``retry_on=`` and ``retry_body_limit=`` mean."""
 
-    __slots__ = ("body_limit", "retries", "retry_on")
+    __slots__ = ("body_limit", "failover", "replays", "retries", "retry_on")
 
     def __init__(
         self,
         retries: int,
         retry_on: Callable[[BaseException], bool] | None,
         body_limit: int,
+        failover: bool = False,
     ) -> None:
         if not isinstance(retries, int) or retries < 0:
             raise ValueError(
@@ -89,11 +97,30 @@ class RetryPolicy:
         self.retries = retries
         self.retry_on = retry_on or is_transient
         self.body_limit = body_limit
-        if retries:
+        #: With replicas: a request that met a failing replica is replayed once, its
+        #: reads going elsewhere, on top of the ``retries`` for transient errors.
+        self.failover = failover
+        #: The most replays of one request.
+        self.replays = retries + failover
+        if self.replays:
             _listen()
 
+    def evidence(self, previous: Evidence | None) -> Evidence:
+        """The evidence for the next attempt, knowing what the replays so far were for."""
+        if previous is None:
+            return Evidence(self.retries > 0, self.failover)
+        if previous.replica_failure is not None and previous.failover_left:
+            return Evidence(previous.replayable, False, previous.transient_used)
+        used = previous.transient_used + 1
+        return Evidence(used < self.retries, previous.failover_left, used)
+
     def failure(self, evidence: Evidence, escaped: BaseException | None) -> BaseException | None:
-        """The transient failure that makes the attempt worth replaying, if any."""
+        """The failure that makes the attempt worth replaying, if any: a replica that
+        failed (once), else a transient error while ``retries`` are left."""
+        if evidence.replica_failure is not None and evidence.failover_left:
+            return evidence.replica_failure
+        if not evidence.replayable:
+            return None
         candidates = list(evidence.errors)  # the database's own word first
         if escaped is not None:
             candidates.append(escaped)
@@ -113,8 +140,9 @@ class RetryPolicy:
         from .policy import describe
 
         log.warning(
-            "replaying %s after a transient database error (replay %d of %d): %s",
+            "replaying %s after a %s (replay %d of %d): %s",
             describe(request),
+            "failed replica" if _replica_failure(error) else "transient database error",
             attempt,
             retries,
             str(error).splitlines()[0] if str(error) else type(error).__name__,
@@ -124,15 +152,41 @@ class RetryPolicy:
 class Evidence:
     """What one attempt of a request did that bears on replaying it."""
 
-    __slots__ = ("committed", "errors", "replayable")
+    __slots__ = (
+        "committed",
+        "errors",
+        "failover_left",
+        "replayable",
+        "replica_failure",
+        "transient_used",
+    )
 
-    def __init__(self, replayable: bool = True) -> None:
+    def __init__(
+        self, replayable: bool = True, failover_left: bool = False, transient_used: int = 0
+    ) -> None:
         #: Database errors met on the way, even those the app caught and answered.
         self.errors: list[BaseException] = []
         #: A Session of the request committed: replaying would apply that twice.
         self.committed = False
-        #: Attempts are left: a transient failure of this one is not the last word.
+        #: Replays for transient errors are left: such a failure is not the last word.
         self.replayable = replayable
+        self.transient_used = transient_used
+        #: A replica failed in this attempt (the error), and a replay for that is left.
+        self.replica_failure: BaseException | None = None
+        self.failover_left = failover_left
+
+
+def _replica_failure(error: BaseException) -> bool:
+    return bool(getattr(error, "_sessionmw_replica", False))
+
+
+def note_replica_failure(error: BaseException) -> None:
+    """A replica refused or dropped a connection in the current request: the request may
+    be replayed once (its reads then go to another replica or to the primary)."""
+    evidence = _evidence()
+    if evidence is not None and evidence.replica_failure is None:
+        error._sessionmw_replica = True  # type: ignore[attr-defined]
+        evidence.replica_failure = error
 
 
 def _evidence() -> Evidence | None:

@@ -12,29 +12,21 @@ threads, tasks and greenlets, and :func:`current_request` is the ``scopefunc``.
 from __future__ import annotations
 
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, overload
+from typing import Any, Literal, TypeVar, Union
 
-from sqlalchemy.ext.asyncio import async_scoped_session, async_sessionmaker
-from sqlalchemy.orm import scoped_session, sessionmaker
-
-if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncSession
-    from sqlalchemy.orm import Session
+from sqlalchemy.ext.asyncio import async_scoped_session
+from sqlalchemy.orm import scoped_session
 
 __all__ = [
     "NoRequestScopeError",
     "RequestScope",
     "ScopedSession",
     "current_request",
-    "request_scoped",
     "set_rollback",
 ]
 
 ScopeKind = Literal["wsgi", "http", "websocket", "script"]
 ScopedSession = Union["scoped_session[Any]", "async_scoped_session[Any]"]
-
-_S = TypeVar("_S", bound="Session")
-_AS = TypeVar("_AS", bound="AsyncSession")
 
 
 class NoRequestScopeError(LookupError):
@@ -49,7 +41,17 @@ class RequestScope:
     ``id()`` of a per-request object, which Python hands out again).
     """
 
-    __slots__ = ("ended", "kind", "parent", "raw", "rollback", "unit")
+    __slots__ = (
+        "ended",
+        "kind",
+        "parent",
+        "primary_only",
+        "raw",
+        "replica_reads",
+        "rollback",
+        "unit",
+        "wrote",
+    )
 
     def __init__(
         self,
@@ -72,6 +74,11 @@ class RequestScope:
         #: The request's unit of work (its sessions and their outcome), when a
         #: middleware serves it.
         self.unit: Any = None
+        #: Replica routing (``request_scoped(..., replicas=)``): :func:`sessionmw.use_primary`
+        #: was called; a script scope opened with ``reads="replica"``; a write committed.
+        self.primary_only = False
+        self.replica_reads = False
+        self.wrote = False
 
     def __repr__(self) -> str:
         child = " child" if self.parent is not None else ""
@@ -123,34 +130,6 @@ def set_rollback(flag: bool = True) -> None:
     succeeds.  Inside a child :class:`request_scope` it applies to that child.
     """
     current_request().rollback = flag
-
-
-@overload
-def request_scoped(factory: sessionmaker[_S]) -> scoped_session[_S]: ...
-
-
-@overload
-def request_scoped(factory: async_sessionmaker[_AS]) -> async_scoped_session[_AS]: ...
-
-
-def request_scoped(
-    factory: sessionmaker[_S] | async_sessionmaker[_AS],
-) -> scoped_session[_S] | async_scoped_session[_AS]:
-    """Return a registry keyed by the current request for ``factory``.
-
-    A :class:`~sqlalchemy.orm.sessionmaker` gives a ``scoped_session``, an
-    :class:`~sqlalchemy.ext.asyncio.async_sessionmaker` an
-    ``async_scoped_session``; both are SQLAlchemy's own objects.
-    """
-    if isinstance(factory, async_sessionmaker):
-        return guard_registry(async_scoped_session(factory, scopefunc=current_request))
-    if isinstance(factory, sessionmaker):
-        return guard_registry(scoped_session(factory, scopefunc=current_request))
-    raise TypeError(
-        f"request_scoped() takes a sessionmaker or async_sessionmaker, not "
-        f"{type(factory).__name__}; for example "
-        f"request_scoped(sessionmaker(bind=engine))."
-    )
 
 
 def is_async(session: ScopedSession) -> bool:

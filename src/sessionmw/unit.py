@@ -18,20 +18,22 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from contextvars import Token
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import SingletonThreadPool
 
+from .metrics import Observe, RequestMetrics, instrument
 from .offload import run_in_worker, run_shielded
 from .oncommit import Callback, run_callback
 from .policy import CommitPolicy, describe, log_open, log_removed, warn_if_unsaved
 from .retry import Evidence, is_transient
+from .routing import ReadYourWrites
 from .scope import RequestScope, ScopedSession, _current, check_request_scoped, is_async
 
 __all__ = ["Binding", "UnitOfWork", "request_scope"]
@@ -49,13 +51,32 @@ NORMAL_CLOSE = frozenset({1000, 1001})
 class Binding:
     """One middleware's ``scoped_session``, its commit policy and its name in logs."""
 
-    __slots__ = ("is_async", "name", "policy", "session")
+    __slots__ = ("instrumented", "is_async", "marker", "name", "observe", "policy", "session")
 
-    def __init__(self, session: ScopedSession, policy: CommitPolicy, name: str) -> None:
+    def __init__(
+        self,
+        session: ScopedSession,
+        policy: CommitPolicy,
+        name: str,
+        marker: ReadYourWrites | None = None,
+        observe: Observe | None = None,
+    ) -> None:
         self.session = session
         self.policy = policy
         self.name = name
         self.is_async = is_async(session)
+        #: With replicas: the cookie that sends a client's reads to the primary after
+        #: it wrote (``None``: no replicas, or ``read_your_writes=0``).
+        self.marker = marker
+        #: What the middleware's requests report (``None``: only DEBUG logs ask).
+        self.observe = observe
+        self.instrumented = False
+
+    def meter(self) -> None:
+        """Count the statements of this factory's sessions from now on (once)."""
+        if not self.instrumented:
+            instrument(self.session)
+            self.instrumented = True
 
     def current(self, request: RequestScope) -> Any:
         """The Session ``request`` holds here, or ``None``; creates nothing."""
@@ -127,6 +148,7 @@ class UnitOfWork:
         "close_code",
         "evidence",
         "failed",
+        "metrics",
         "request",
         "settled",
         "started",
@@ -147,13 +169,56 @@ class UnitOfWork:
         self.callbacks: list[Callback] = []
         #: What bears on replaying the request (with ``retries=``), else ``None``.
         self.evidence: Evidence | None = None
-        self.started = log_open(request)
+        self.started = started = log_open(request)
+        #: Statements, database time, span: only for a metered request (else ``None``).
+        self.metrics: RequestMetrics | None = None
+        if started or binding.observe is not None:
+            binding.meter()
+            self.metrics = RequestMetrics(request, binding.observe)
         request.unit = self
+
+    def response_headers(self) -> Sequence[tuple[str, str]]:
+        """Headers the request's outcome adds to its response, once it is settled: the
+        read-your-writes cookie after a committed write (with replicas); ``Server-Timing``
+        (with ``server_timing=True``, on HTTP)."""
+        request = self.request
+        headers: Sequence[tuple[str, str]] = ()
+        if request.wrote:
+            for binding in self.bindings:
+                if binding.marker is not None:
+                    headers = [("set-cookie", binding.marker.set_cookie(request))]
+                    break
+        metrics = self.metrics
+        if metrics is not None and metrics.server_timing and request.kind != "websocket":
+            headers = [*headers, metrics.server_timing_header()]
+        return headers
 
     def add(self, binding: Binding) -> None:
         """A middleware stacked inside the owner joins the request."""
         if binding not in self.bindings:
             self.bindings.append(binding)
+            options = binding.observe
+            metrics = self.metrics
+            if metrics is None and options is not None:
+                metrics = self.metrics = RequestMetrics(self.request, None)
+            if metrics is not None:
+                binding.meter()
+                if options is not None:
+                    metrics.include(options)
+
+    def activate(self) -> object | None:
+        """Make the request's span current in this context (with ``tracing``); the token
+        for :meth:`deactivate`, or ``None``."""
+        metrics = self.metrics
+        if metrics is None or metrics.span is None:
+            return None
+        assert metrics.tracing is not None
+        return metrics.tracing.activate(metrics.span)
+
+    def deactivate(self, token: object) -> None:
+        metrics = self.metrics
+        if metrics is not None and metrics.tracing is not None:
+            metrics.tracing.deactivate(token)
 
     def holds_sessions(self) -> bool:
         request = self.request
@@ -193,12 +258,16 @@ class UnitOfWork:
             yield session, _rollback
         if rollbacks:
             log.debug("rollback %s (status %d)", describe(self.request), self.status)
+            if self.metrics is not None:
+                self.metrics.note("rollback")
         if len(commits) > 1 and all(_sync(s).twophase for s in commits):
             yield from self._two_phase(commits)
         elif commits:
             yield from self._one_by_one(commits)
         if commits:
             log.debug("commit %s", describe(self.request))
+            if self.metrics is not None:
+                self.metrics.note("commit")
 
     def _label(self, session: Any) -> str:
         """The middleware's key and the database's URL, to say which database did what."""
@@ -310,18 +379,28 @@ class UnitOfWork:
         return False
 
     def _run(self, driver: Callable[[Any], None], steps: Any) -> None:
+        metrics = self.metrics
+        mark = metrics.settle_began() if metrics is not None else None
         try:
             driver(steps)
         except BaseException:
             self.failed = True
             raise
+        finally:
+            if metrics is not None and mark is not None:
+                metrics.settle_ended(mark)
 
     async def _arun(self, runner: Any, driver: Any, steps: Any) -> None:
+        metrics = self.metrics
+        mark = metrics.settle_began() if metrics is not None else None
         try:
             await runner(driver, steps)
         except BaseException:
             self.failed = True
             raise
+        finally:
+            if metrics is not None and mark is not None:
+                metrics.settle_ended(mark)
 
     @staticmethod
     def _drive_sync(steps: Generator[Step, None, None]) -> None:
@@ -378,6 +457,22 @@ class UnitOfWork:
                         warn_if_unsaved(_sync(session), request)
         request.ended = True
 
+    def _removed(self) -> None:
+        """Log the removal at DEBUG with what the request did to the database, and
+        report it (``max_statements``, the span)."""
+        metrics = self.metrics
+        if metrics is not None:
+            request = self.request
+            log_removed(request, self.status, self.started, metrics.statements, metrics.db_time)
+            metrics.finish(request, self.failed)
+
+    def end_empty(self) -> None:
+        """End the scope of a request that holds no Session: nothing to remove or log,
+        but a metered one still reports (its child scopes may have run statements)."""
+        self.request.ended = True
+        if self.metrics is not None:
+            self.metrics.finish(self.request, self.failed)
+
     def end_sync(self) -> None:
         """Remove every Session of the request (closing rolls back what was not
         committed) and end its scope; each is removed even if another fails."""
@@ -388,7 +483,7 @@ class UnitOfWork:
                 discard_sync(binding.session, self.request)
             except BaseException as exc:
                 failure = failure or exc
-        log_removed(self.request, self.status, self.started)
+        self._removed()
         if failure is not None:
             raise failure
 
@@ -420,7 +515,7 @@ class UnitOfWork:
                 await run_in_worker(_discard_all, blocking, request)
             except BaseException as exc:
                 failure = failure or exc
-        log_removed(request, self.status, self.started)
+        self._removed()
         if failure is not None:
             raise failure
 
@@ -525,10 +620,20 @@ class request_scope:  # noqa: N801 - used like contextlib's lowercase managers
     task of an ``asyncio.gather`` its own Session, or a websocket one Session per
     message.  In work that outlived its request (a task still running after the
     response) it opens a fresh scope of its own.
+
+    With ``request_scoped(..., replicas=)``, a scope opened outside a request reads from
+    the primary; ``reads="replica"`` sends its reads to a replica (writes still go to the
+    primary).  A child scope follows its request.
     """
 
-    def __init__(self, *sessions: ScopedSession) -> None:
+    def __init__(
+        self, *sessions: ScopedSession, reads: Literal["primary", "replica"] = "primary"
+    ) -> None:
         self.sessions = tuple(check_request_scoped(s, "request_scope()") for s in sessions)
+        if reads not in ("primary", "replica"):
+            raise ValueError(f'request_scope(reads=) takes "primary" or "replica", not {reads!r}')
+        #: Outside a request, with ``replicas=``: where reads go (writes: the primary).
+        self.reads = reads
         self._token: Token[RequestScope | None] | None = None
         self._scope: RequestScope | None = None
 
@@ -538,6 +643,7 @@ class request_scope:  # noqa: N801 - used like contextlib's lowercase managers
         parent = _current.get()
         if parent is None or parent.ended:
             scope = RequestScope("script")
+            scope.replica_reads = self.reads == "replica"
         else:
             scope = RequestScope(parent.kind, parent.raw, parent)
         self._scope = scope

@@ -44,14 +44,17 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import scoped_session
 
+from .metrics import observe
 from .policy import Commit, CommitPolicy, describe, log, track_unsaved_writes
 from .retry import Evidence, RecordingInput, RetryPolicy
+from .routing import marker_for, routes
 from .scope import TOKEN_KEY, RequestScope, _current, check_request_scoped, is_async
 from .unit import Binding, UnitOfWork
 
 if TYPE_CHECKING:
     from _typeshed import OptExcInfo
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["WSGISessionMiddleware"]
 
@@ -69,6 +72,16 @@ class WSGISessionMiddleware:
         (:func:`sessionmw.is_transient`) is replayed, when that is safe.
     :param retry_on: ``(exc) -> bool`` in place of :func:`sessionmw.is_transient`.
     :param retry_body_limit: the largest request body, in bytes, kept for a replay.
+    :param read_your_writes: with replicas, how many seconds a client that wrote reads
+        from the primary (a cookie; 0 turns it off).
+    :param read_your_writes_cookie: that cookie's name.
+    :param server_timing: add a ``Server-Timing`` header to HTTP responses: the request's
+        statements and database time up to and including its settle.
+    :param max_statements: log a WARNING when a request runs more statements than this
+        (a query in a loop: N+1).
+    :param tracing: ``True`` (the global tracer provider) or a ``TracerProvider``: an
+        OpenTelemetry span per request, current while the app runs; needs
+        ``pip install "sessionmw[opentelemetry]"``.
     """
 
     def __init__(
@@ -81,6 +94,11 @@ class WSGISessionMiddleware:
         retries: int = 0,
         retry_on: Callable[[BaseException], bool] | None = None,
         retry_body_limit: int = 1_048_576,
+        read_your_writes: float = 5.0,
+        read_your_writes_cookie: str = "sessionmw_primary",
+        server_timing: bool = False,
+        max_statements: int | None = None,
+        tracing: bool | TracerProvider = False,
     ) -> None:
         _refuse_asgi_app(app)
         check_request_scoped(session, "WSGISessionMiddleware")
@@ -96,8 +114,10 @@ class WSGISessionMiddleware:
         if self.policy.manual:
             track_unsaved_writes(session)
         self.environ_key = environ_key
-        self.binding = Binding(session, self.policy, environ_key)
-        self.retry = RetryPolicy(retries, retry_on, retry_body_limit)
+        marker = marker_for(session, read_your_writes, read_your_writes_cookie)
+        options = observe(server_timing, max_statements, tracing)
+        self.binding = Binding(session, self.policy, environ_key, marker, options)
+        self.retry = RetryPolicy(retries, retry_on, retry_body_limit, routes(session))
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         environ[self.environ_key] = self.session
@@ -108,7 +128,7 @@ class WSGISessionMiddleware:
             return self.app(environ, start_response)
         if _orphans:
             _close_orphans()
-        if self.retry.retries:
+        if self.retry.replays:
             return self._serve_with_replays(environ, start_response)
         response = self._open(environ, start_response)
         try:
@@ -124,10 +144,13 @@ class WSGISessionMiddleware:
         context of its own, so the server's context never holds the token and nothing
         can leak into the next request of this thread."""
         request = RequestScope("wsgi", environ)
+        unit = UnitOfWork(request, self.binding)
         context = copy_context()
         context.run(_current.set, request)
+        if unit.metrics is not None:
+            context.run(unit.activate)  # the span stays current in the request's context
         environ[TOKEN_KEY] = request
-        return _Response(UnitOfWork(request, self.binding), context, start_response)
+        return _Response(unit, context, start_response)
 
     def _serve_with_replays(
         self, environ: WSGIEnvironment, start_response: StartResponse
@@ -141,14 +164,15 @@ class WSGISessionMiddleware:
             environ["wsgi.input"], retry.body_limit, int(length) if length else None
         )
         original = dict(environ)  # each attempt runs on the server's own environ, as it was
-        for attempt in range(retry.retries + 1):
+        evidence: Evidence | None = None
+        for attempt in range(retry.replays + 1):
             if attempt:
                 environ.clear()
                 environ.update(original)
             environ["wsgi.input"] = body_input
             response = self._open(environ, start_response)
             unit = response.unit
-            unit.evidence = Evidence(replayable=attempt < retry.retries)
+            unit.evidence = evidence = retry.evidence(evidence)
             escaped: Exception | None = None
             try:
                 response.run(self.app)
@@ -165,13 +189,13 @@ class WSGISessionMiddleware:
             replayable = (
                 not response.started and not unit.evidence.committed and body_input.replayable()
             )
-            if attempt == retry.retries or error is None or not replayable:
+            if attempt == retry.replays or error is None or not replayable:
                 if escaped is not None:
                     response.close()
                     raise escaped
                 return response.hand_over()
             response.close()
-            retry.log_replay(unit.request, attempt + 1, retry.retries, error)
+            retry.log_replay(unit.request, attempt + 1, retry.replays, error)
             time.sleep(retry.backoff(attempt + 1))
             body_input = RecordingInput(body_input.replay(), retry.body_limit, body_input.length)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -277,7 +301,11 @@ class _Response:
         """Give the server the status the app gave last."""
         pending, self._pending_start = self._pending_start, None
         if pending is not None:
-            self._server_write = self._start_response(*pending)
+            status, headers, exc_info = pending
+            extra = self.unit.response_headers() if self._server_write is None else ()
+            if extra:  # once: not again for an error status that replaces a started one
+                headers = [*headers, *extra]
+            self._server_write = self._start_response(status, headers, exc_info)
 
     def run(self, app: WSGIApplication) -> None:
         """Call the app, make the body's first chunk (unless the body is a list or a file
@@ -380,7 +408,7 @@ class _Response:
         if unit.holds_sessions():
             self.context.run(unit.end_sync)
         else:
-            request.ended = True
+            unit.end_empty()
 
     def __del__(self) -> None:
         if self.closed or warnings is None:  # closed, or at interpreter shutdown
