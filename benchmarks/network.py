@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -380,8 +381,19 @@ def get(port: int, path: str) -> tuple[int, bytes]:
     return int(head.split(b" ", 2)[1]), body
 
 
-def wait_ready(port: int, process: subprocess.Popen[Any], log: Path, timeout: float) -> str:
-    """'' once both routes answer right, else why not: a bound port is not a loaded app."""
+#: What every app of this benchmark answers once it is loaded: path -> body.
+READY = {DB_PATH: b"item-1", NO_DB_PATH: b"ok"}
+
+
+def wait_ready(
+    port: int,
+    process: subprocess.Popen[Any],
+    log: Path,
+    timeout: float,
+    expect: Mapping[str, bytes] = READY,
+) -> str:
+    """'' once every route of ``expect`` answers 200 with its body, else why not: a bound
+    port is not a loaded app."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
@@ -389,12 +401,13 @@ def wait_ready(port: int, process: subprocess.Popen[Any], log: Path, timeout: fl
             tail = log.read_text(errors="replace").strip().splitlines()[-3:]
             return f"server exited with {process.returncode}: " + " / ".join(tail)[-300:]
         try:
-            status, body = get(port, DB_PATH)
-            if status == 200 and body == b"item-1":
-                status, body = get(port, NO_DB_PATH)
-                if status == 200 and body == b"ok":
-                    return ""
-            last = f"answered {status} {body[:100]!r}"
+            for path, wanted in expect.items():
+                status, body = get(port, path)
+                if status != 200 or body != wanted:
+                    last = f"{path} answered {status} {body[:100]!r}"
+                    break
+            else:
+                return ""
         except (OSError, ValueError, IndexError) as exc:
             last = f"{type(exc).__name__}: {exc}"
         time.sleep(0.2)
@@ -410,11 +423,16 @@ class Running:
 
 
 def load(
-    port: int, settings: Settings, db_clients: int, nodb_clients: int, seconds: float
+    port: int,
+    settings: Settings,
+    db_clients: int,
+    nodb_clients: int,
+    seconds: float,
+    db_path: str = DB_PATH,
 ) -> dict[str, Any]:
     command = [
         sys.executable, str(HERE / "loadgen.py"), "--mix", str(port), str(seconds),
-        str(settings.warmup), f"{DB_PATH}={db_clients}", f"{NO_DB_PATH}={nodb_clients}",
+        str(settings.warmup), f"{db_path}={db_clients}", f"{NO_DB_PATH}={nodb_clients}",
     ]  # fmt: skip
     out = subprocess.run(
         command,

@@ -8,7 +8,7 @@ import secrets
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import Engine, create_engine, event, func, select, text
@@ -19,9 +19,13 @@ from sqlalchemy.pool import NullPool
 
 import sessionmw
 from tests.models import Base, Note, User
+from tests.pgbouncer import PgBouncer, start_pgbouncer
 from tests.postgres import REQUIRE_ENV, PostgresServer, start_server, stop_server
+from tests.replication import ReplicatedDatabase, ReplicationPair, start_pair, stop_pair
 
-pytest_plugins = ["pytester"]
+pytest_plugins = ["pytester", "tests.faults.plugin"]
+
+T = TypeVar("T")
 
 
 class Tracker:
@@ -63,13 +67,45 @@ def sqlite_pragmas(engine: Engine) -> None:
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
     """One throwaway PostgreSQL server for the whole run."""
-    server = start_server()
-    if isinstance(server, str):
-        if os.environ.get(REQUIRE_ENV):
-            pytest.fail(f"{REQUIRE_ENV} is set but {server}")
-        pytest.skip(server)
+    server = _started(start_server())
     yield server
     stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def pg_replication() -> Iterator[ReplicationPair]:
+    """A PostgreSQL primary and a streaming hot-standby replica of it, for the whole run."""
+    pair = _started(start_pair())
+    yield pair
+    stop_pair(pair)
+
+
+@pytest.fixture
+def replicated_database(pg_replication: ReplicationPair) -> Iterator[ReplicatedDatabase]:
+    """A fresh database on the primary, already on the replica; replication left running."""
+    name = pg_replication.create_database()
+    yield ReplicatedDatabase(pg_replication, name)
+    if not pg_replication.replica_running():
+        pg_replication.start_replica()
+    pg_replication.resume_replay()
+    pg_replication.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(postgres: PostgresServer) -> Iterator[PgBouncer]:
+    """PgBouncer in transaction pooling mode in front of the ``postgres`` server."""
+    bouncer = _started(start_pgbouncer(postgres))
+    yield bouncer
+    bouncer.stop()
+
+
+def _started(found: T | str) -> T:
+    """The started thing, or skip with why not (fail instead when CI requires PostgreSQL)."""
+    if isinstance(found, str):
+        if os.environ.get(REQUIRE_ENV):
+            pytest.fail(f"{REQUIRE_ENV} is set but {found}")
+        pytest.skip(found)
+    return found
 
 
 _databases = itertools.count()

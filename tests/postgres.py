@@ -14,6 +14,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,19 +50,18 @@ class PostgresServer:
     def url(self, driver: str = "psycopg", database: str = "postgres") -> str:
         return f"postgresql+{driver}://postgres@127.0.0.1:{self.port}/{database}"
 
-    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run_tool(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run one of the server's programs (pg_ctl, initdb, ...) as the server's OS user."""
         command = [str(self.bindir / args[0]), *args[1:]]
         if self.user:
             command = ["runuser", "-u", self.user, "--", *command]
         return subprocess.run(command, check=check, capture_output=True, text=True, timeout=120)
 
-    def init(self) -> None:
+    def init(self, settings: Mapping[str, str] | None = None, hba: Sequence[str] = ()) -> None:
+        """initdb, then the test settings, then ``settings`` and ``hba`` lines on top."""
         self.datadir.mkdir(parents=True)
-        if self.user:
-            entry = pwd.getpwnam(self.user)
-            for path in (self.directory, self.datadir):
-                os.chown(path, entry.pw_uid, entry.pw_gid)
-        self._run(
+        self.hand_over(self.directory, self.datadir)
+        self.run_tool(
             "initdb",
             "-D",
             str(self.datadir),
@@ -73,7 +73,7 @@ class PostgresServer:
             "UTF8",
             "--no-instructions",
         )
-        settings = {
+        defaults = {
             "listen_addresses": "'127.0.0.1'",
             "port": str(self.port),
             "unix_socket_directories": f"'{self.directory}'",
@@ -84,11 +84,24 @@ class PostgresServer:
             "synchronous_commit": "off",
             "full_page_writes": "off",
         }
+        self.configure({**defaults, **(settings or {})}, hba)
+
+    def hand_over(self, *paths: Path) -> None:
+        """Give ``paths`` to the server's OS user: the server writes there."""
+        if self.user:
+            entry = pwd.getpwnam(self.user)
+            for path in paths:
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def configure(self, settings: Mapping[str, str], hba: Sequence[str] = ()) -> None:
+        """Append to postgresql.conf (a later line wins) and to pg_hba.conf (read on start)."""
         with open(self.datadir / "postgresql.conf", "a") as conf:
             conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
+        with open(self.datadir / "pg_hba.conf", "a") as rules:
+            rules.writelines(f"{line}\n" for line in hba)
 
     def start(self) -> None:
-        self._run(
+        self.run_tool(
             "pg_ctl",
             "start",
             "-w",
@@ -101,10 +114,10 @@ class PostgresServer:
         )
 
     def stop(self, mode: str = "fast") -> None:
-        self._run("pg_ctl", "stop", "-w", "-m", mode, "-D", str(self.datadir), check=False)
+        self.run_tool("pg_ctl", "stop", "-w", "-m", mode, "-D", str(self.datadir), check=False)
 
     def restart(self) -> None:
-        self._run(
+        self.run_tool(
             "pg_ctl",
             "restart",
             "-w",
@@ -117,7 +130,9 @@ class PostgresServer:
         )
 
 
-def start_server() -> PostgresServer | str:
+def start_server(
+    settings: Mapping[str, str] | None = None, hba: Sequence[str] = ()
+) -> PostgresServer | str:
     """Start a server, or say why not (the tests are then skipped, unless CI requires them)."""
     bindir = find_bindir()
     if bindir is None:
@@ -131,7 +146,7 @@ def start_server() -> PostgresServer | str:
     directory = Path(tempfile.mkdtemp(prefix="sessionmw-pg-"))
     server = PostgresServer(bindir, directory, free_port(), user)
     try:
-        server.init()
+        server.init(settings, hba)
         server.start()
     except (subprocess.SubprocessError, OSError) as exc:
         log = directory / "server.log"
