@@ -36,9 +36,7 @@ def create_app(database_url: str | None = None, **engine_options: Any) -> Flask:
 
     app = Flask(__name__)
     app.config["ENGINE"] = engine
-    app.wsgi_app = sessionmw.WSGISessionMiddleware(  # type: ignore[method-assign]
-        app.wsgi_app, Session, commit="on_success"
-    )
+    sessionmw.wrap_wsgi_app(app, Session, commit="on_success")  # app.wsgi_app, wrapped
 
     @app.get("/authors")
     def list_authors() -> Any:

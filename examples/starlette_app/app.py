@@ -1,10 +1,12 @@
 """The Starlette example: async routes on an ``AsyncSession``, sync routes on a ``Session``.
 
 Two ``ASGISessionMiddleware`` are stacked, one per ``scoped_session``, both over
-the same SQLite file: ``request.state.adb`` is the request's ``AsyncSession``
-(aiosqlite) and ``request.state.db`` its ``Session`` (sqlite3), which Starlette's
-thread pool uses for the plain ``def`` endpoints.  Both commit when the response
-is a success, so the failing routes leave nothing behind.
+the same SQLite file: ``AsyncSession()`` is the request's ``AsyncSession`` (aiosqlite)
+and ``Session()`` its ``Session`` (sqlite3), which Starlette's thread pool uses for the
+plain ``def`` endpoints.  Calling the scoped_session gives the request's session with its
+type; ``request.state.adb`` and ``request.state.db`` hold the same scoped_sessions, typed
+``Any``.  Both commit when the response is a success, so the failing routes leave
+nothing behind.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ AsyncSession: async_scoped_session[AsyncOrmSession] = sessionmw.request_scoped(
 
 
 async def list_notes(request: Request) -> Response:
-    db: async_scoped_session[AsyncOrmSession] = request.state.adb
+    db: async_scoped_session[AsyncOrmSession] = request.state.adb  # the same as AsyncSession
     notes = await db.scalars(select(Note).order_by(Note.id))
     return JSONResponse([n.to_json() for n in notes])
 
@@ -50,31 +52,31 @@ async def create_note(request: Request) -> Response:
     data = await _json(request)
     title = _field(data, "title")
     note = Note(title=title, body=str(data.get("body", "")))
-    db = request.state.adb
+    db = AsyncSession()  # this request's AsyncSession
     db.add(note)
     await db.flush()
     same = await db.scalar(
         select(func.count()).select_from(Note).where(func.lower(Note.title) == title.lower())
     )
-    if same > 1:  # returned after writing: the middleware rolls the insert back
+    if same and same > 1:  # returned after writing: the middleware rolls the insert back
         return JSONResponse({"error": f"a note titled {title!r} exists"}, status_code=409)
     return JSONResponse(note.to_json(), status_code=201)
 
 
 def get_note(request: Request) -> Response:
     """A sync endpoint: Starlette runs it in its thread pool, on the request's Session."""
-    return JSONResponse(_note(request.state.db, request.path_params["note_id"]).to_json())
+    return JSONResponse(_note(Session(), request.path_params["note_id"]).to_json())
 
 
 def delete_note(request: Request) -> Response:
-    db = request.state.db
+    db = Session()  # this request's Session
     db.delete(_note(db, request.path_params["note_id"]))
     return Response(status_code=204)
 
 
 async def stream_notes(request: Request) -> Response:
     """One JSON line per note, read from the session while the body streams."""
-    db = request.state.adb
+    db = AsyncSession()
 
     async def lines() -> AsyncIterator[str]:
         async for note in await db.stream_scalars(select(Note).order_by(Note.id)):
@@ -90,14 +92,14 @@ def record_view(note_id: int) -> None:
 
 
 def view_note(request: Request) -> Response:
-    note = _note(request.state.db, request.path_params["note_id"])
+    note = _note(Session(), request.path_params["note_id"])
     return JSONResponse(note.to_json(), background=BackgroundTask(record_view, note.id))
 
 
 async def fail_after_writing(request: Request) -> Response:
     """Writes a note, then crashes: the client gets a 500 and the note is not kept."""
-    request.state.adb.add(Note(title="never saved"))
-    await request.state.adb.flush()
+    AsyncSession.add(Note(title="never saved"))
+    await AsyncSession.flush()
     raise RuntimeError("failed after writing")
 
 
@@ -132,7 +134,7 @@ def _field(data: dict[str, Any], name: str) -> str:
     return value.strip()
 
 
-def _note(db: scoped_session[OrmSession], note_id: int) -> Note:
+def _note(db: OrmSession, note_id: int) -> Note:
     note = db.get(Note, note_id)
     if note is None:
         raise HTTPException(404, f"no note {note_id}")
