@@ -1,4 +1,4 @@
-"""ASGISessionMiddleware against DESIGN §3, with a sync and with an async scoped_session."""
+"""ASGISessionMiddleware against docs/lifecycle.md, with a sync and an async scoped_session."""
 
 from __future__ import annotations
 

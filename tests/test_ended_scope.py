@@ -1,4 +1,4 @@
-"""Work that outlives its request never gets a Session (DESIGN §3 rule 5).
+"""Work that outlives its request never gets a Session (docs/lifecycle.md, rule 5).
 
 A task, a thread or an executor started by a handler carries the request's token.
 Once the middleware has removed the request's sessions, the token opens none: the

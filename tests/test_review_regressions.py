@@ -225,3 +225,29 @@ def test_no_leak_check_on_in_memory_sqlite() -> None:
     with sessionmw.request_scope(Session):
         Session.execute(text("select 1"))
     assert_no_leaks([Session])
+
+
+def test_every_new_factory_warns_about_unsaved_writes(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLAlchemy's ``event.contains()`` keys targets by ``id()`` and never forgets one, so
+    a factory whose Session class reused the id of a collected one was taken as already
+    listened to: its flushed-but-uncommitted writes went without the WARNING."""
+    unwarned = 0
+    for number in range(20):
+        caplog.clear()
+        Session = sessionmw.request_scoped(sessionmaker(bind=engine))
+
+        def app(environ: Any, start_response: Any) -> list[bytes]:
+            Session.add(User(name=f"unsaved-{number}"))
+            Session.flush()
+            start_response("200 OK", [])
+            return [b"ok"]
+
+        with caplog.at_level("WARNING", logger="sessionmw"):
+            Server().get(sessionmw.WSGISessionMiddleware(app, Session))
+        unwarned += not any("uncommitted" in r.getMessage() for r in caplog.records)
+        del Session, app
+        gc.collect()
+    assert unwarned == 0
+    assert count_rows(engine, User) == 0

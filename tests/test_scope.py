@@ -1,4 +1,4 @@
-"""The token, the scopefunc, request_scope and the refusals (DESIGN §2, rules 5 and 8)."""
+"""The token, the scopefunc, request_scope and the refusals (docs/lifecycle.md, rules 5 and 8)."""
 
 from __future__ import annotations
 

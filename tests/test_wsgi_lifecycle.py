@@ -1,4 +1,4 @@
-"""WSGISessionMiddleware against DESIGN §3: lazy, one per request, removed once on every path."""
+"""WSGISessionMiddleware against docs/lifecycle.md: lazy, one per request, removed once always."""
 
 from __future__ import annotations
 
