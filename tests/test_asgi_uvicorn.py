@@ -74,7 +74,12 @@ async def load(base: str) -> list[tuple[str, int | None, str]]:
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_200_concurrent_requests_against_uvicorn(tmp_path: Path, kind: str) -> None:
     url = f"sqlite:///{tmp_path / 'uvicorn.db'}"
-    engine = create_engine(url)
+    # A connection for every request in flight. The sync streamed bodies keep theirs
+    # between chunks, and each chunk hops through anyio's shared 40-token limiter; with a
+    # smaller pool, endpoints waiting for a connection can hold all 40 tokens while the
+    # streams that would give connections back wait for one: a stall until the pool
+    # timeout that any sync Starlette app streaming from its database can meet.
+    engine = create_engine(url, pool_size=5, max_overflow=REQUESTS)
     sqlite_pragmas(engine)
     Base.metadata.create_all(engine)
     tracker = Tracker()

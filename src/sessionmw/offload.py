@@ -5,19 +5,23 @@ still commit or close what it started and give its connection back, and blocking
 database I/O must never run on the event-loop thread.  This module knows nothing of
 sessions: it runs a callable to the end, on the loop or in a worker thread.
 
-The worker threads sit behind a limiter of this module's own, never anyio's shared
-40-token one: there the cleanups of finished requests would queue behind sync
-endpoints that wait for the very connections those cleanups would give back, a
-deadlock once more than 40 + pool-size requests are in flight.  Cleanups never wait
-for a connection, so a limiter of their own always drains.
+The worker threads are this module's own (under trio, anyio's behind a limiter of this
+module's own), never behind anyio's shared 40-token limiter: there the cleanups of
+finished requests would queue behind sync endpoints that wait for the very
+connections those cleanups would give back, a deadlock once more than 40 + pool-size
+requests are in flight.  Cleanups never wait for a connection, so threads of their
+own always drain.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
-import threading
+import os
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import anyio
@@ -30,7 +34,7 @@ log = logging.getLogger("sessionmw")
 
 _T = TypeVar("_T")
 
-#: Worker threads that may run cleanups (commit, rollback, close) at once, per event loop.
+#: Worker threads that may run cleanups (commit, rollback, close) at once.
 WORKER_THREADS = 16
 
 _limiter_var: RunVar[anyio.CapacityLimiter] = RunVar("sessionmw_worker_limiter")
@@ -88,8 +92,10 @@ async def run_in_worker(func: Callable[..., _T], *args: Any) -> _T:
 
     Shielded: under asyncio the wait is on a future the thread itself resolves, so even
     a plain ``Task.cancel()`` of every task (as ``asyncio.run`` does at shutdown) cannot
-    end the wait while the thread still works on objects the caller will touch next.
-    The call sees the caller's context variables, as anyio's worker threads give them.
+    end the wait while the thread still works on objects the caller will touch next; a
+    call still queued for a thread runs all the same.  The call sees the caller's
+    context variables.  Under asyncio one hop is one call queued for a thread of this
+    module's executor and one callback on the loop: no task, no second future.
     """
     try:
         loop = asyncio.get_running_loop()
@@ -98,31 +104,73 @@ async def run_in_worker(func: Callable[..., _T], *args: Any) -> _T:
             result = await anyio.to_thread.run_sync(func, *args, limiter=_limiter())
         return result  # noqa: RET504 - the scope may swallow a cancellation: no return inside
     finished: asyncio.Future[_T] = loop.create_future()
-    started = threading.Event()
-
-    def run_and_report() -> None:
-        started.set()
-        try:
-            result = func(*args)
-        except BaseException as exc:
-            loop.call_soon_threadsafe(_resolve, finished, None, exc)
-        else:
-            loop.call_soon_threadsafe(_resolve, finished, result, None)
-
+    # Handed over on the loop's next turn, not now: the callback that resumed the caller
+    # may still hold the last reference to a result of the caller's last statement (the
+    # future of a thread hop, say).  Freed once the thread has given the connection back
+    # and another thread waits on it for a lock, a SQLite cursor blocks the whole process
+    # on that connection's mutex, GIL held, until the busy timeout.
+    loop.call_soon(_hand_over, _Call(loop, finished, func, args))
     with anyio.CancelScope(shield=True):
-        runner = asyncio.ensure_future(anyio.to_thread.run_sync(run_and_report, limiter=_limiter()))
+        result = await wait_out(finished)
+    return result  # noqa: RET504 - as above
 
-        def never_ran(task: asyncio.Future[None]) -> None:
-            # Cancelled while still waiting for a worker thread: nothing will report.
-            if task.cancelled() and not started.is_set() and not finished.done():
-                finished.cancel()
 
-        runner.add_done_callback(never_ran)
+class _Call:
+    """One ``func(*args)`` for a worker thread, run in the caller's context and reported
+    to the caller's loop."""
+
+    __slots__ = ("args", "context", "finished", "func", "loop")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        finished: asyncio.Future[Any],
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+    ) -> None:
+        self.loop = loop
+        self.finished = finished
+        self.func = func
+        self.args = args
+        self.context = contextvars.copy_context()
+
+    def run(self) -> None:
+        result: Any = None
+        error: BaseException | None = None
         try:
-            result = await wait_out(finished)
-        finally:
-            await asyncio.gather(runner, return_exceptions=True)
-    return result
+            result = self.context.run(self.func, *self.args)
+        except BaseException as exc:
+            error = exc
+        finally:  # nothing of the caller's outlives the call in this thread
+            del self.func, self.args, self.context
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            self.loop.call_soon_threadsafe(_resolve, self.finished, result, error)
+
+
+def _hand_over(call: _Call) -> None:
+    try:
+        _executor().submit(call.run)
+    except BaseException as exc:  # no thread to run it (shutting down): the caller gets why
+        _resolve(call.finished, None, exc)
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="sessionmw worker")
+    return _pool
+
+
+def _forget_pool() -> None:
+    global _pool
+    _pool = None  # a forked child has none of its parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _resolve(future: asyncio.Future[_T], result: Any, exc: BaseException | None) -> None:
