@@ -233,21 +233,24 @@ def test_every_new_factory_warns_about_unsaved_writes(
     """SQLAlchemy's ``event.contains()`` keys targets by ``id()`` and never forgets one, so
     a factory whose Session class reused the id of a collected one was taken as already
     listened to: its flushed-but-uncommitted writes went without the WARNING."""
-    unwarned = 0
-    for number in range(20):
-        caplog.clear()
-        Session = sessionmw.request_scoped(sessionmaker(bind=engine))
 
+    def flushing_app(Session: Any, name: str) -> Any:
         def app(environ: Any, start_response: Any) -> list[bytes]:
-            Session.add(User(name=f"unsaved-{number}"))
+            Session.add(User(name=name))
             Session.flush()
             start_response("200 OK", [])
             return [b"ok"]
 
+        return sessionmw.WSGISessionMiddleware(app, Session)
+
+    unwarned = 0
+    for number in range(20):
+        caplog.clear()
         with caplog.at_level("WARNING", logger="sessionmw"):
-            Server().get(sessionmw.WSGISessionMiddleware(app, Session))
+            Session = sessionmw.request_scoped(sessionmaker(bind=engine))
+            Server().get(flushing_app(Session, f"unsaved-{number}"))
         unwarned += not any("uncommitted" in r.getMessage() for r in caplog.records)
-        del Session, app
+        del Session
         gc.collect()
     assert unwarned == 0
     assert count_rows(engine, User) == 0

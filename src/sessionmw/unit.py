@@ -131,10 +131,17 @@ def _prepared_xids(session: Session) -> list[tuple[Engine, Any]]:
 
 def _finish_prepared(xids: list[tuple[Engine, Any]], session: Session) -> None:
     """Commit the prepared transactions of a session whose COMMIT PREPARED failed (its
-    connection was lost, say) on fresh connections; raise if any stays in doubt."""
+    connection was lost, say) on fresh connections; raise if any stays in doubt.
+
+    A transaction no longer prepared was committed by that COMMIT PREPARED: the
+    connection was lost only after the database had done it.
+    """
     session.invalidate()
     for engine, xid in xids:
         with engine.connect() as conn:
+            if xid not in conn.recover_twophase():
+                log.warning("the prepared transaction %r was committed already", xid)
+                continue
             conn.commit_prepared(xid, recover=True)
         log.warning("committed the prepared transaction %r on a fresh connection", xid)
 
