@@ -23,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 import sessionmw
+from sessionmw.offload import wait_out
 from tests.faults.probe import actor
 from tests.models import User
 
@@ -66,16 +67,7 @@ async def in_thread(func: Callable[..., Any], *args: Any) -> Any:
     ``tests/test_fault_regressions.py``).  The shapes wait, so that the harness tests
     the middleware and not that hazard.
     """
-    work = asyncio.ensure_future(anyio.to_thread.run_sync(func, *args))
-    cancelled: BaseException | None = None
-    while not work.done():
-        try:
-            await asyncio.shield(work)
-        except asyncio.CancelledError as exc:
-            cancelled = cancelled or exc
-    if cancelled is not None:
-        raise cancelled
-    return work.result()
+    return await wait_out(asyncio.ensure_future(anyio.to_thread.run_sync(func, *args)))
 
 
 class Db:
