@@ -138,7 +138,11 @@ class ASGISessionMiddleware:
             outer.unit.add(self.binding)  # stacked: the outermost middleware settles all
             await self.app(scope, receive, send)
             return
-        if self.retry.replays and scope["type"] == "http":
+        if (
+            self.retry.replays
+            and scope["type"] == "http"
+            and self.retry.may_replay(scope["method"])
+        ):
             await self._serve_with_replays(scope, receive, send)
             return
         responder = _Responder(UnitOfWork(RequestScope(scope["type"], scope), self.binding), send)

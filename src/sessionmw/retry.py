@@ -38,6 +38,9 @@ __all__ = [
 
 log = logging.getLogger("sessionmw")
 
+#: The methods whose requests read from a replica, when there are replicas.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
 #: PostgreSQL: serialization_failure, deadlock_detected, lock_not_available.
 _PG_TRANSIENT = frozenset({"40001", "40P01", "55P03"})
 #: MySQL and MariaDB: lock wait timeout, deadlock.
@@ -104,6 +107,11 @@ class RetryPolicy:
         self.replays = retries + failover
         if self.replays:
             _listen()
+
+    def may_replay(self, method: str) -> bool:
+        """Whether a request with ``method`` takes the replaying path: with ``retries``,
+        every one; with replicas alone, only a safe method (only it reads from one)."""
+        return bool(self.retries) or (self.failover and method in SAFE_METHODS)
 
     def evidence(self, previous: Evidence | None) -> Evidence:
         """The evidence for the next attempt, knowing what the replays so far were for."""

@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.elements import TextClause
 
+from .retry import SAFE_METHODS, note_replica_failure
 from .scope import RequestScope, _current, current_request
 
 if TYPE_CHECKING:
@@ -47,7 +48,6 @@ __all__ = ["ReadYourWrites", "Router", "marker_for", "routed_factory", "use_prim
 
 log = logging.getLogger("sessionmw")
 
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: A replica that failed is left alone this long before it is tried again.
 RETRY_REPLICA_AFTER = 2.0
 #: With ``max_replica_lag``, how often each replica's lag is measured.
@@ -166,8 +166,6 @@ class Router:
         for replica in self.replicas:
             if replica.engine is engine:
                 replica.mark_down(context.original_exception)
-        from .retry import note_replica_failure
-
         note_replica_failure(context.sqlalchemy_exception or context.original_exception)
 
 
@@ -181,8 +179,6 @@ def _connect_watched(replica: Replica) -> Any:
             return dialect.connect(*cargs, **cparams)
         except Exception as error:
             replica.mark_down(error)
-            from .retry import note_replica_failure
-
             note_replica_failure(error)
             raise
 

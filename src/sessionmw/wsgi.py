@@ -128,7 +128,7 @@ class WSGISessionMiddleware:
             return self.app(environ, start_response)
         if _orphans:
             _close_orphans()
-        if self.retry.replays:
+        if self.retry.replays and self.retry.may_replay(environ.get("REQUEST_METHOD", "")):
             return self._serve_with_replays(environ, start_response)
         response = self._open(environ, start_response)
         try:
