@@ -140,3 +140,30 @@ def test_local_sqlite_closes_inline(tmp_path: Any) -> None:
     assert local.is_local()
     assert not far.is_local()
     assert not unbound.is_local()
+
+
+async def test_a_child_scope_closes_its_sync_session_off_the_loop(pg_engine: Engine) -> None:
+    """``async with request_scope(Session)`` (a child scope per task of a gather) ends
+    its sync Session's transaction in a worker thread too, not on the loop."""
+    Session = sessionmw.request_scoped(sessionmaker(bind=pg_engine))
+    seen = record_round_trips(pg_engine)
+    loop_thread = threading.get_ident()
+
+    async def child(name: str) -> None:
+        async with sessionmw.request_scope(Session):
+            await asyncio.to_thread(Session.execute, text("select 1"))
+
+    async def endpoint(request: Request) -> Response:
+        await asyncio.gather(child("a"), child("b"))
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[Route("/", endpoint)],
+        middleware=[Middleware(sessionmw.ASGISessionMiddleware, session=Session)],
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.get("/")).status_code == 200
+    assert len([name for name, _ in seen if name in ("reset", "rollback")]) >= 2
+    assert [name for name, thread in seen if thread == loop_thread] == []
+    assert_clean(Session, pg_engine)

@@ -100,20 +100,13 @@ async def test_a_connection_lost_after_commit_prepared_is_not_a_500(
         assert engine.sync_engine.pool.checkedout() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "anyio.to_thread.run_sync (how Starlette runs a sync endpoint) stops waiting at a "
-        "plain Task.cancel(); the middleware then closes the Session that the endpoint's "
-        "thread is still in. The middleware cannot see that thread; on SQLite the close "
-        "and the statement overlapping crashed the interpreter (segfault)."
-    ),
-)
 async def test_a_cancelled_sync_endpoint_keeps_its_session_until_its_thread_is_done(
     Session: Any, engine: Engine
 ) -> None:
-    """Found at ``asgi/sync/sqlite write`` ``db.begin#1`` with ``cancel`` (a segfault);
-    the shapes now wait for their threads (``tests/faults/shapes.py: in_thread``)."""
+    """Found at ``asgi/sync/sqlite write`` ``db.begin#1`` with ``cancel`` (a segfault):
+    ``anyio.to_thread.run_sync`` (how Starlette runs a ``def`` endpoint) stops waiting at
+    a plain ``Task.cancel()`` and the middleware closed the Session that the endpoint's
+    thread was still in, under its statement."""
     inside, release, done = threading.Event(), threading.Event(), threading.Event()
     seen: dict[str, bool] = {}
 
@@ -127,8 +120,6 @@ async def test_a_cancelled_sync_endpoint_keeps_its_session_until_its_thread_is_d
     def endpoint() -> None:
         try:
             Session.execute(select(User.name))
-        except Exception:
-            pass
         finally:
             done.set()
 
@@ -143,12 +134,90 @@ async def test_a_cancelled_sync_endpoint_keeps_its_session_until_its_thread_is_d
 
     middleware = sessionmw.ASGISessionMiddleware(app, Session, commit="on_success")
     request = asyncio.ensure_future(middleware(http_scope("/"), receive, send))
-    await anyio.to_thread.run_sync(inside.wait, 5)
-    request.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await request
-    release.set()
-    await anyio.to_thread.run_sync(done.wait, 5)
-    event.remove(engine, "before_cursor_execute", hold)
+    try:
+        await anyio.to_thread.run_sync(inside.wait, 5)
+        request.cancel()
+        await asyncio.sleep(0.2)
+        # The endpoint's thread is still inside: the Session stays, the request waits.
+        assert not request.done()
+        assert len(Session.registry.registry) == 1
+        release.set()
+        with anyio.fail_after(5), pytest.raises(asyncio.CancelledError):
+            await request
+    finally:
+        release.set()
+        event.remove(engine, "before_cursor_execute", hold)
+
+    assert done.is_set()
+    assert seen == {"closed under it": False}
+    assert Session.registry.registry == {}
+    assert engine.pool.checkedout() == 0
+
+
+async def test_a_cancelled_endpoint_thread_that_never_touches_the_database_waits_for_nothing(
+    Session: Any, engine: Engine
+) -> None:
+    """The wait looks for threads inside the request's Session, not for any thread: a
+    thread of the request's that holds no Session of it does not hold up the removal."""
+    started, release = threading.Event(), threading.Event()
+
+    def endpoint() -> None:
+        started.set()
+        release.wait(5)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        Session.execute(select(User.name))  # the request holds a Session and connection
+        await anyio.to_thread.run_sync(endpoint)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    middleware = sessionmw.ASGISessionMiddleware(app, Session)
+    request = asyncio.ensure_future(middleware(http_scope("/"), receive, send))
+    try:
+        await anyio.to_thread.run_sync(started.wait, 5)
+        request.cancel()
+        with anyio.fail_after(2), pytest.raises(asyncio.CancelledError):
+            await request
+        assert Session.registry.registry == {}
+        assert engine.pool.checkedout() == 0
+    finally:
+        release.set()
+
+
+async def test_a_cancelled_child_scope_waits_for_its_thread(Session: Any, engine: Engine) -> None:
+    """The same for ``async with request_scope(Session)`` around a thread: cancelled, the
+    child scope closes its Session only once the thread is out of it."""
+    inside, release = threading.Event(), threading.Event()
+    seen: dict[str, bool] = {}
+
+    def hold(conn: Any, *args: Any) -> None:
+        inside.set()
+        release.wait(5)
+        seen["closed under it"] = conn.closed or conn.invalidated
+
+    event.listen(engine, "before_cursor_execute", hold)
+
+    async def child() -> None:
+        async with sessionmw.request_scope(Session):
+            await anyio.to_thread.run_sync(lambda: Session.execute(select(User.name)))
+
+    task = asyncio.ensure_future(child())
+    try:
+        await anyio.to_thread.run_sync(inside.wait, 5)
+        task.cancel()
+        await asyncio.sleep(0.2)
+        assert not task.done()
+        release.set()
+        with anyio.fail_after(5), pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        release.set()
+        event.remove(engine, "before_cursor_execute", hold)
 
     assert seen == {"closed under it": False}
+    assert Session.registry.registry == {}
+    assert engine.pool.checkedout() == 0

@@ -160,8 +160,10 @@ class ASGISessionMiddleware:
         scope[TOKEN_KEY] = request  # type: ignore[literal-required]
         try:
             await self.app(scope, receive, responder.send)
-        except BaseException:
+        except BaseException as exc:
             responder.unit.failed = True
+            if isinstance(exc, asyncio.CancelledError):
+                responder.unit.cancelled = True
             raise
         finally:
             try:

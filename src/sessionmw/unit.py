@@ -15,6 +15,7 @@ ASGI) and an async one awaits them, so both protocols share one algorithm.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -28,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import SingletonThreadPool
 
+from .lingering import referents, wait_until_unused
 from .metrics import Observe, RequestMetrics, instrument
 from .offload import run_in_worker, run_shielded
 from .oncommit import Callback, run_callback
@@ -83,15 +85,33 @@ class Binding:
         return self.session.registry.registry.get(request)
 
     def thread_bound(self) -> bool:
-        bind = self.session.session_factory.kw.get("bind")
-        return isinstance(bind, Engine) and isinstance(bind.pool, SingletonThreadPool)
+        return _thread_bound(self.session)
 
     def is_local(self) -> bool:
-        """Whether the factory's bind is a SQLite database, where a rollback or a close
-        costs microseconds: less than a hop to a worker thread (measured: 15 µs vs 72 µs).
-        Anything else may sit across a network, a round trip away."""
-        bind = self.session.session_factory.kw.get("bind")
-        return isinstance(bind, Engine) and bind.dialect.name == "sqlite"
+        return _is_local(self.session)
+
+
+def _thread_bound(proxy: ScopedSession) -> bool:
+    """Whether the factory's connections belong to one thread each (SQLite memory
+    databases' SingletonThreadPool): they must be closed in the thread that uses them."""
+    bind = proxy.session_factory.kw.get("bind")
+    return isinstance(bind, Engine) and isinstance(bind.pool, SingletonThreadPool)
+
+
+def _is_local(proxy: ScopedSession) -> bool:
+    """Whether the factory's bind is a SQLite database, where a rollback or a close
+    costs microseconds: less than a hop to a worker thread (measured: 15 µs vs 72 µs).
+    Anything else may sit across a network, a round trip away."""
+    bind = proxy.session_factory.kw.get("bind")
+    return isinstance(bind, Engine) and bind.dialect.name == "sqlite"
+
+
+def _closes_in_worker(proxy: ScopedSession, session: Session, cancelled: bool) -> bool:
+    """Whether a sync Session is closed in a worker thread under ASGI: when its close is
+    a round trip across a network, and after a cancellation (a thread may be inside)."""
+    if cancelled:
+        return not _thread_bound(proxy)
+    return session.in_transaction() and not _is_local(proxy)
 
 
 def _sync(session: Any) -> Session:
@@ -152,6 +172,7 @@ class UnitOfWork:
     __slots__ = (
         "bindings",
         "callbacks",
+        "cancelled",
         "close_code",
         "evidence",
         "failed",
@@ -169,6 +190,8 @@ class UnitOfWork:
         self.status = 0
         #: An exception escaped the app, or a commit failed: never commit after that.
         self.failed = False
+        #: The app was cancelled: a thread it started may still be inside a Session.
+        self.cancelled = False
         #: The close code the app sent on a websocket (``None``: it sent none).
         self.close_code: int | None = None
         self.settled = False
@@ -496,7 +519,9 @@ class UnitOfWork:
 
     async def end(self) -> None:
         """:meth:`end_sync` for ASGI: sync Sessions that hold a connection across a
-        network close in one worker-thread hop, async ones are awaited, shielded."""
+        network close in one worker-thread hop, async ones are awaited, shielded.  After
+        a cancellation the sync ones close in that hop once no thread the app started is
+        still inside them (:mod:`sessionmw.lingering`)."""
         self._begin_end()
         request = self.request
         failure: BaseException | None = None
@@ -510,16 +535,17 @@ class UnitOfWork:
                     await discard_async(binding.session, request)  # type: ignore[arg-type]
                 except BaseException as exc:
                     failure = failure or exc
-            elif session.in_transaction() and not binding.is_local():
-                blocking.append(binding)
+            elif _closes_in_worker(binding.session, session, self.cancelled):
+                blocking.append(binding.session)
             else:
                 try:
                     discard_sync(binding.session, request)
                 except BaseException as exc:
                     failure = failure or exc
         if blocking:
+            discard = _discard_sync_when_unused if self.cancelled else _discard_sync_all
             try:
-                await run_in_worker(_discard_all, blocking, request)
+                await run_in_worker(discard, blocking, request)
             except BaseException as exc:
                 failure = failure or exc
         self._removed()
@@ -568,15 +594,31 @@ def _run_batch(callbacks: list[Callback], where: str) -> None:
         run_callback(callback, where)
 
 
-def _discard_all(bindings: list[Binding], request: RequestScope) -> None:
+def _discard_sync_all(proxies: Sequence[ScopedSession], request: RequestScope) -> None:
+    """Remove the Session of ``request`` from each proxy, even when one fails; then
+    re-raise the first failure."""
     failure: BaseException | None = None
-    for binding in bindings:
+    for proxy in proxies:
         try:
-            discard_sync(binding.session, request)
+            discard_sync(proxy, request)
         except BaseException as exc:
             failure = failure or exc
     if failure is not None:
         raise failure
+
+
+def _wait_until_unused(proxies: Sequence[ScopedSession], request: RequestScope) -> None:
+    held: list[object] = []
+    for proxy in proxies:
+        session = proxy.registry.registry.get(request)
+        if session is not None:
+            held += referents(session)
+    wait_until_unused(held)
+
+
+def _discard_sync_when_unused(proxies: Sequence[ScopedSession], request: RequestScope) -> None:
+    _wait_until_unused(proxies, request)
+    _discard_sync_all(proxies, request)
 
 
 def discard_sync(proxy: Any, request: RequestScope) -> None:
@@ -680,15 +722,38 @@ class request_scope:  # noqa: N801 - used like contextlib's lowercase managers
         tb: TracebackType | None,
     ) -> None:
         failure: BaseException | None = None
-        if self._scope is not None:
-            self._scope.ended = True
+        scope = self._scope
+        if scope is not None:
+            scope.ended = True
         for session in self.sessions:
             if is_async(session):
                 try:
-                    await discard_async(session, self._scope)  # type: ignore[arg-type]
+                    await discard_async(session, scope)  # type: ignore[arg-type]
                 except BaseException as error:
                     failure = failure or error
+        cancelled = exc_type is not None and issubclass(exc_type, asyncio.CancelledError)
+        if scope is not None:
+            try:
+                await self._discard_sync_in_worker(scope, cancelled)
+            except BaseException as error:
+                failure = failure or error
         self._discard_sync_and_close(failure)
+
+    async def _discard_sync_in_worker(self, scope: RequestScope, cancelled: bool) -> None:
+        """Close the sync Sessions whose close would block the loop (a round trip), or
+        that a thread may still be inside (after a cancellation), in a worker thread."""
+        offload = []
+        for proxy in self.sessions:
+            session = proxy.registry.registry.get(scope)
+            if (
+                session is not None
+                and not is_async(proxy)
+                and _closes_in_worker(proxy, session, cancelled)
+            ):
+                offload.append(proxy)
+        if offload:
+            discard = _discard_sync_when_unused if cancelled else _discard_sync_all
+            await run_in_worker(discard, offload, scope)
 
     def _discard_sync_and_close(self, failure: BaseException | None) -> None:
         """Remove every sync session, even when one fails; then leave the scope and re-raise

@@ -62,10 +62,10 @@ async def in_thread(func: Callable[..., Any], *args: Any) -> Any:
     """Run ``func`` in a worker thread, as Starlette runs a ``def`` endpoint, and wait
     for the thread even when the task is cancelled meanwhile.
 
-    ``anyio.to_thread.run_sync`` alone stops waiting at a plain ``Task.cancel()``: the
-    thread then keeps using the request's Session while the middleware closes it (see
-    ``tests/test_fault_regressions.py``).  The shapes wait, so that the harness tests
-    the middleware and not that hazard.
+    ``anyio.to_thread.run_sync`` alone stops waiting at a plain ``Task.cancel()`` while
+    the thread goes on.  The middleware then waits for the thread before it closes the
+    Session (``tests/test_fault_regressions.py``); the shapes wait as well, so that what
+    a run did (the rows it confirmed) is final when its request returns.
     """
     return await wait_out(asyncio.ensure_future(anyio.to_thread.run_sync(func, *args)))
 
