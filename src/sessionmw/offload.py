@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import importlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,19 @@ WORKER_THREADS = 16
 _limiter_var: RunVar[anyio.CapacityLimiter] = RunVar("sessionmw_worker_limiter")
 
 
+def _anyio_task_states() -> Any:
+    """anyio's record of the cancel scopes each asyncio task is in (private: ``None`` if
+    it moved, and then every wait is shielded)."""
+    try:
+        module = importlib.import_module("anyio._backends._asyncio")
+    except ImportError:  # pragma: no cover - asyncio is always there
+        return None
+    return getattr(module, "_task_states", None)
+
+
+_task_states = _anyio_task_states()
+
+
 def _limiter() -> anyio.CapacityLimiter:
     try:
         return _limiter_var.get()
@@ -58,14 +72,33 @@ async def run_shielded(func: Callable[..., Awaitable[_T]], *args: Any) -> _T:
     asyncio, so there the work runs in a task of its own that is awaited until done
     (:func:`wait_out`); the cancellation is re-raised afterwards.
     """
-    with anyio.CancelScope(shield=True):
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:  # not asyncio: the shielded scope is enough
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio: the shielded scope is enough
+        with anyio.CancelScope(shield=True):
             result = await func(*args)
-        else:
-            result = await wait_out(asyncio.ensure_future(func(*args)))
-    return result
+        return result  # noqa: RET504 - the scope may swallow a cancellation: no return inside
+    return await _wait_shielded(asyncio.ensure_future(func(*args)))
+
+
+def _in_anyio_scope() -> bool:
+    """Whether the current asyncio task is inside an anyio cancel scope (a task group, a
+    timeout, Starlette's streaming responses): only such a scope, once cancelled, cancels
+    the task again on every turn of the loop, which an anyio shield holds off.  Entering
+    one costs more than the rest of a hop, so it is entered only then."""
+    if _task_states is None:
+        return True
+    state = _task_states.get(asyncio.current_task())
+    return state is not None and state.cancel_scope is not None
+
+
+async def _wait_shielded(work: asyncio.Future[_T]) -> _T:
+    """:func:`wait_out`, inside an anyio shield when an anyio scope could cancel us."""
+    if not _in_anyio_scope():
+        return await wait_out(work)
+    with anyio.CancelScope(shield=True):
+        result = await wait_out(work)
+    return result  # noqa: RET504 - the scope may swallow a cancellation: no return inside
 
 
 async def wait_out(work: asyncio.Future[_T]) -> _T:
@@ -110,9 +143,7 @@ async def run_in_worker(func: Callable[..., _T], *args: Any) -> _T:
     # and another thread waits on it for a lock, a SQLite cursor blocks the whole process
     # on that connection's mutex, GIL held, until the busy timeout.
     loop.call_soon(_hand_over, _Call(loop, finished, func, args))
-    with anyio.CancelScope(shield=True):
-        result = await wait_out(finished)
-    return result  # noqa: RET504 - as above
+    return await _wait_shielded(finished)
 
 
 class _Call:
