@@ -100,26 +100,38 @@ def fastapi_depends_def() -> Any:
     return _fastapi(one)
 
 
-def _sessionmw(factory: Any, commit: str, one_sync: bool) -> Any:
-    """The README's recipe: the middleware, and an ``async def`` get_db returning the session."""
-    from fastapi import Depends, Request
+def _sessionmw(factory: Any, commit: str, one_sync: bool, depends: bool = False) -> Any:
+    """The README's recipe: the middleware, and endpoints that call the scoped_session
+    proxy (this request's Session); with ``depends``, an ``async def`` dependency that
+    returns it instead (FastAPI's dependency resolution then runs on every request)."""
+    from fastapi import Depends
 
     import sessionmw
 
     scoped = sessionmw.request_scoped(factory)
 
-    async def get_db(request: Request) -> Any:
-        return request.state.db()
+    async def get_db() -> Any:
+        return scoped()
 
-    if one_sync:
+    if one_sync and depends:
 
         def one(db: Annotated[Session, Depends(get_db)]) -> Any:
             return _text(_name(db.get(Item, 1)))
 
-    else:
+    elif one_sync:
+
+        def one() -> Any:
+            return _text(_name(scoped.get(Item, 1)))
+
+    elif depends:
 
         async def one(db: Annotated[AsyncSession, Depends(get_db)]) -> Any:
             return _text(_name(await db.get(Item, 1)))
+
+    else:
+
+        async def one() -> Any:
+            return _text(_name(await scoped.get(Item, 1)))
 
     app = _fastapi(one)
     app.add_middleware(sessionmw.ASGISessionMiddleware, session=scoped, commit=commit)
@@ -134,12 +146,22 @@ def fastapi_sessionmw_sync_on_success() -> Any:
     return _sessionmw(sessionmaker(sync_engine()), "on_success", one_sync=True)
 
 
+def fastapi_sessionmw_sync_on_success_depends() -> Any:
+    return _sessionmw(sessionmaker(sync_engine()), "on_success", one_sync=True, depends=True)
+
+
 def fastapi_sessionmw_async_manual() -> Any:
     return _sessionmw(async_sessionmaker(async_engine()), "manual", one_sync=False)
 
 
 def fastapi_sessionmw_async_on_success() -> Any:
     return _sessionmw(async_sessionmaker(async_engine()), "on_success", one_sync=False)
+
+
+def fastapi_sessionmw_async_on_success_depends() -> Any:
+    return _sessionmw(
+        async_sessionmaker(async_engine()), "on_success", one_sync=False, depends=True
+    )
 
 
 def fastapi_advanced_alchemy_sync() -> Any:

@@ -139,7 +139,7 @@ from litestar import Litestar
 from litestar.middleware import DefineMiddleware
 from sqlalchemy import create_engine
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -198,6 +198,24 @@ async def count(request: Request) -> JSONResponse:
     return JSONResponse({"path": request.url.path})
 
 
+class Base(DeclarativeBase):
+    pass
+
+
+class Pet(Base):
+    __tablename__ = "pets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+@api.get("/pets/{pet_id}")
+def pet(pet_id: int) -> None:  # the proxy in an endpoint, no dependency
+    reveal_type(DbSession.get(Pet, pet_id))
+
+
+async def async_pet(pet_id: int) -> None:
+    reveal_type(await AsyncDbSession.get(Pet, pet_id))
+
+
 app = Flask(__name__)
 middleware = sessionmw.wrap_wsgi_app(app, DbSession, commit="on_success", retries=2)
 reveal_type(middleware)
@@ -221,6 +239,8 @@ REVEALED = [
     "docs_typed.MySession",
     "sqlalchemy.orm.session.Session",  # a FastAPI dependency's parameter
     "sqlalchemy.orm.session.Session",  # Session() in a Starlette handler
+    "docs_typed.Pet | None",  # the proxy's get() in a sync endpoint
+    "docs_typed.Pet | None",  # the async proxy's get()
     "sessionmw.wsgi.WSGISessionMiddleware",
 ]
 
