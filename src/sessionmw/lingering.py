@@ -15,7 +15,8 @@ on that path, in a worker thread, and polls until the threads are out.
 
 Usage::
 
-    wait_until_unused(referents(session))  # in a worker thread; then session.close()
+    # in a worker thread, with the loop's thread id; then session.close()
+    wait_until_unused(referents(session), besides=[loop_thread])
 """
 
 from __future__ import annotations
@@ -46,14 +47,23 @@ def referents(session: Any) -> list[object]:
     return found
 
 
-def wait_until_unused(objects: Iterable[object], limit: float = LINGER_LIMIT) -> bool:
+def wait_until_unused(
+    objects: Iterable[object], *, besides: Iterable[int] = (), limit: float | None = None
+) -> bool:
     """Block until no other thread has a frame that refers to one of ``objects``;
-    ``False`` if that took longer than ``limit`` seconds (the caller goes on)."""
+    ``False`` if that took longer than ``limit`` seconds (default :data:`LINGER_LIMIT`;
+    the caller goes on).
+
+    ``besides``: threads not to look at, such as the event loop's, whose frames below the
+    loop (the code that started it) may hold a Session without being inside it.
+    """
     wanted = {id(o) for o in objects}
-    me = threading.get_ident()
+    skipped = {threading.get_ident(), *besides}
+    if limit is None:
+        limit = LINGER_LIMIT
     deadline = time.monotonic() + limit
     delay = 0.001
-    while _inside(wanted, me):
+    while _inside(wanted, skipped):
         if time.monotonic() >= deadline:
             log.error(
                 "a thread is still inside a Session of a cancelled request after %.0f s; "
@@ -66,9 +76,9 @@ def wait_until_unused(objects: Iterable[object], limit: float = LINGER_LIMIT) ->
     return True
 
 
-def _inside(wanted: set[int], me: int) -> bool:
+def _inside(wanted: set[int], skipped: set[int]) -> bool:
     for ident, frame in sys._current_frames().items():
-        if ident == me:
+        if ident in skipped:
             continue
         current: Any = frame
         while current is not None:

@@ -19,6 +19,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import threading
 from collections.abc import Callable, Generator, Sequence
 from contextvars import Token
 from types import TracebackType
@@ -543,9 +544,8 @@ class UnitOfWork:
                 except BaseException as exc:
                     failure = failure or exc
         if blocking:
-            discard = _discard_sync_when_unused if self.cancelled else _discard_sync_all
             try:
-                await run_in_worker(discard, blocking, request)
+                await run_in_worker(_closer(self.cancelled), blocking, request)
             except BaseException as exc:
                 failure = failure or exc
         self._removed()
@@ -607,18 +607,26 @@ def _discard_sync_all(proxies: Sequence[ScopedSession], request: RequestScope) -
         raise failure
 
 
-def _wait_until_unused(proxies: Sequence[ScopedSession], request: RequestScope) -> None:
+def _discard_sync_when_unused(
+    proxies: Sequence[ScopedSession], request: RequestScope, loop_thread: int
+) -> None:
+    """:func:`_discard_sync_all` after a cancellation: first wait until no thread but the
+    event loop's is inside one of the Sessions (:mod:`sessionmw.lingering`)."""
     held: list[object] = []
     for proxy in proxies:
         session = proxy.registry.registry.get(request)
         if session is not None:
             held += referents(session)
-    wait_until_unused(held)
-
-
-def _discard_sync_when_unused(proxies: Sequence[ScopedSession], request: RequestScope) -> None:
-    _wait_until_unused(proxies, request)
+    wait_until_unused(held, besides=[loop_thread])
+    del held
     _discard_sync_all(proxies, request)
+
+
+def _closer(cancelled: bool) -> Callable[[Sequence[ScopedSession], RequestScope], None]:
+    """How to remove sync Sessions in a worker thread, called on the event loop."""
+    if cancelled:
+        return functools.partial(_discard_sync_when_unused, loop_thread=threading.get_ident())
+    return _discard_sync_all
 
 
 def discard_sync(proxy: Any, request: RequestScope) -> None:
@@ -752,8 +760,7 @@ class request_scope:  # noqa: N801 - used like contextlib's lowercase managers
             ):
                 offload.append(proxy)
         if offload:
-            discard = _discard_sync_when_unused if cancelled else _discard_sync_all
-            await run_in_worker(discard, offload, scope)
+            await run_in_worker(_closer(cancelled), offload, scope)
 
     def _discard_sync_and_close(self, failure: BaseException | None) -> None:
         """Remove every sync session, even when one fails; then leave the scope and re-raise
