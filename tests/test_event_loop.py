@@ -78,6 +78,19 @@ def build(Session: Any, commit: Any) -> Starlette:
     )
 
 
+def one_route(endpoint: Any, Session: Any) -> Starlette:
+    return Starlette(
+        routes=[Route("/", endpoint)],
+        middleware=[Middleware(sessionmw.ASGISessionMiddleware, session=Session)],
+    )
+
+
+async def get_ok(app: Starlette) -> None:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.get("/")).status_code == 200
+
+
 @pytest.mark.parametrize("commit", ["manual", "on_success"])
 async def test_no_round_trip_of_a_sync_session_runs_on_the_loop(
     pg_engine: Engine, commit: str
@@ -114,13 +127,7 @@ async def test_an_untouched_request_stays_on_the_loop(pg_engine: Engine) -> None
         threads.append(threading.current_thread().name)
         return PlainTextResponse("ok")
 
-    app = Starlette(
-        routes=[Route("/", endpoint)],
-        middleware=[Middleware(sessionmw.ASGISessionMiddleware, session=Session)],
-    )
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-        assert (await client.get("/")).status_code == 200
+    await get_ok(one_route(endpoint, Session))
     assert Session.registry.registry == {}
     assert pg_engine.pool.checkedout() == 0
 
@@ -157,13 +164,7 @@ async def test_a_child_scope_closes_its_sync_session_off_the_loop(pg_engine: Eng
         await asyncio.gather(child("a"), child("b"))
         return PlainTextResponse("ok")
 
-    app = Starlette(
-        routes=[Route("/", endpoint)],
-        middleware=[Middleware(sessionmw.ASGISessionMiddleware, session=Session)],
-    )
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-        assert (await client.get("/")).status_code == 200
+    await get_ok(one_route(endpoint, Session))
     assert len([name for name, _ in seen if name in ("reset", "rollback")]) >= 2
     assert [name for name, thread in seen if thread == loop_thread] == []
     assert_clean(Session, pg_engine)

@@ -42,6 +42,26 @@ class LostAfterCommitPrepared:
             raise OperationalError(statement, {}, ConnectionResetError("connection lost"))
 
 
+class HeldStatement:
+    """Holds the next statements on ``engine`` until released, and notes whether their
+    connection was closed under them meanwhile."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.inside, self.release = threading.Event(), threading.Event()
+        self.seen: dict[str, bool] = {}
+        event.listen(engine, "before_cursor_execute", self.hold)
+
+    def hold(self, conn: Any, *args: Any) -> None:
+        self.inside.set()
+        self.release.wait(5)
+        self.seen["closed under it"] = conn.closed or conn.invalidated
+
+    def remove(self) -> None:
+        self.release.set()
+        event.remove(self.engine, "before_cursor_execute", self.hold)
+
+
 @pytest.fixture
 async def two_databases(pg_url: str, second_pg_url: str) -> Any:
     """Two PostgreSQL databases behind asyncpg, whose generic two-phase commit sends
@@ -110,15 +130,7 @@ async def test_a_cancelled_sync_endpoint_keeps_its_session_until_its_thread_is_d
     ``anyio.to_thread.run_sync`` (how Starlette runs a ``def`` endpoint) stops waiting at
     a plain ``Task.cancel()`` and the middleware closed the Session that the endpoint's
     thread was still in, under its statement."""
-    inside, release, done = threading.Event(), threading.Event(), threading.Event()
-    seen: dict[str, bool] = {}
-
-    def hold(conn: Any, *args: Any) -> None:
-        inside.set()
-        release.wait(5)
-        seen["closed under it"] = conn.closed or conn.invalidated
-
-    event.listen(engine, "before_cursor_execute", hold)
+    held, done = HeldStatement(engine), threading.Event()
 
     def endpoint() -> None:
         try:
@@ -138,21 +150,20 @@ async def test_a_cancelled_sync_endpoint_keeps_its_session_until_its_thread_is_d
     middleware = sessionmw.ASGISessionMiddleware(app, Session, commit="on_success")
     request = asyncio.ensure_future(middleware(http_scope("/"), receive, send))
     try:
-        await anyio.to_thread.run_sync(inside.wait, 5)
+        await anyio.to_thread.run_sync(held.inside.wait, 5)
         request.cancel()
         await asyncio.sleep(0.2)
         # The endpoint's thread is still inside: the Session stays, the request waits.
         assert not request.done()
         assert len(Session.registry.registry) == 1
-        release.set()
+        held.release.set()
         with anyio.fail_after(5), pytest.raises(asyncio.CancelledError):
             await request
     finally:
-        release.set()
-        event.remove(engine, "before_cursor_execute", hold)
+        held.remove()
 
     assert done.is_set()
-    assert seen == {"closed under it": False}
+    assert held.seen == {"closed under it": False}
     assert Session.registry.registry == {}
     assert engine.pool.checkedout() == 0
 
@@ -194,15 +205,7 @@ async def test_a_cancelled_endpoint_thread_that_never_touches_the_database_waits
 async def test_a_cancelled_child_scope_waits_for_its_thread(Session: Any, engine: Engine) -> None:
     """The same for ``async with request_scope(Session)`` around a thread: cancelled, the
     child scope closes its Session only once the thread is out of it."""
-    inside, release = threading.Event(), threading.Event()
-    seen: dict[str, bool] = {}
-
-    def hold(conn: Any, *args: Any) -> None:
-        inside.set()
-        release.wait(5)
-        seen["closed under it"] = conn.closed or conn.invalidated
-
-    event.listen(engine, "before_cursor_execute", hold)
+    held = HeldStatement(engine)
 
     async def child() -> None:
         async with sessionmw.request_scope(Session):
@@ -210,18 +213,17 @@ async def test_a_cancelled_child_scope_waits_for_its_thread(Session: Any, engine
 
     task = asyncio.ensure_future(child())
     try:
-        await anyio.to_thread.run_sync(inside.wait, 5)
+        await anyio.to_thread.run_sync(held.inside.wait, 5)
         task.cancel()
         await asyncio.sleep(0.2)
         assert not task.done()
-        release.set()
+        held.release.set()
         with anyio.fail_after(5), pytest.raises(asyncio.CancelledError):
             await task
     finally:
-        release.set()
-        event.remove(engine, "before_cursor_execute", hold)
+        held.remove()
 
-    assert seen == {"closed under it": False}
+    assert held.seen == {"closed under it": False}
     assert Session.registry.registry == {}
     assert engine.pool.checkedout() == 0
 
