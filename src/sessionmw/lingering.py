@@ -10,7 +10,7 @@ the old thread still sends on it.
 So after a cancellation the request's sync Sessions are closed only once no other
 thread runs code that refers to them or to their connections: a frame of another
 thread holding one means that thread is inside.  This looks at every thread's stack
-(``sys._current_frames()``), which costs a few hundred microseconds, so it runs only
+(``sys._current_frames()``), about 0.2 ms a look with 60 threads, so it runs only
 on that path, in a worker thread, and polls until the threads are out.
 
 Usage::
