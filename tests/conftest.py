@@ -53,14 +53,14 @@ class Tracker:
         return all(self.closes[id(s)] == 1 for s in self.created)
 
 
-def sqlite_pragmas(engine: Engine) -> None:
+def sqlite_pragmas(engine: Engine, busy_timeout_ms: int = 10_000) -> None:
     """Foreign keys on (SQLite has them off by default), and wait for locks, not fail."""
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, record: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cursor.close()
 
 

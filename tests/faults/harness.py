@@ -16,6 +16,7 @@ import os
 import random
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,17 +63,11 @@ class Outcome:
     abandoned_closes: int = 0
 
 
-class HttpClient:
-    """Sends an empty body, reads the response; may leave after some body chunks."""
+class _Client:
+    """What both clients share: the status they got, and leaving at any moment."""
 
-    def __init__(self, shape: Shape) -> None:
-        self.pending: list[dict[str, Any]] = [
-            {"type": "http.request", "body": b"", "more_body": False}
-        ]
-        self.abandon_after = shape.abandon_after
+    def __init__(self) -> None:
         self.status: int | None = None
-        self.chunks = 0
-        self.complete = False
         self.gone = False
         self.changed = asyncio.Event()
 
@@ -80,12 +75,29 @@ class HttpClient:
         self.gone = True
         self.changed.set()
 
+    async def wait_until(self, done: Callable[[], bool]) -> None:
+        """Until the client leaves or ``done()``: what a server's receive waits for."""
+        while not (self.gone or done()):
+            self.changed.clear()
+            await self.changed.wait()
+
+
+class HttpClient(_Client):
+    """Sends an empty body, reads the response; may leave after some body chunks."""
+
+    def __init__(self, shape: Shape) -> None:
+        super().__init__()
+        self.pending: list[dict[str, Any]] = [
+            {"type": "http.request", "body": b"", "more_body": False}
+        ]
+        self.abandon_after = shape.abandon_after
+        self.chunks = 0
+        self.complete = False
+
     async def receive(self) -> dict[str, Any]:
         if self.pending and not self.gone:
             return self.pending.pop(0)
-        while not (self.gone or self.complete):
-            self.changed.clear()
-            await self.changed.wait()
+        await self.wait_until(lambda: self.complete)
         return {"type": "http.disconnect"}
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -106,29 +118,21 @@ class HttpClient:
             self.leave()
 
 
-class WebSocketClient:
+class WebSocketClient(_Client):
     """Connects, sends one message, waits for the answer, closes normally."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.script = [{"type": "websocket.connect"}, {"type": "websocket.receive", "text": "hi"}]
-        self.status: int | None = None
         self.answered = False
         self.closed = False
-        self.gone = False
-        self.changed = asyncio.Event()
-
-    def leave(self) -> None:
-        self.gone = True
-        self.changed.set()
 
     async def receive(self) -> dict[str, Any]:
         if self.gone:
             return {"type": "websocket.disconnect", "code": 1006}
         if self.script:
             return self.script.pop(0)
-        while not (self.gone or self.answered or self.closed):
-            self.changed.clear()
-            await self.changed.wait()
+        await self.wait_until(lambda: self.answered or self.closed)
         return {"type": "websocket.disconnect", "code": 1006 if self.gone else 1000}
 
     async def send(self, message: dict[str, Any]) -> None:

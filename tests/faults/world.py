@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, select, text
+from sqlalchemy import Engine, create_engine, delete, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
 
 import sessionmw
+from tests.conftest import sqlite_pragmas
 from tests.faults.probe import ProbedSession, instrument
 from tests.faults.shapes import Db, Shape
 from tests.models import Base, Note, User
@@ -26,15 +27,6 @@ def _async_url(url: str) -> str:
     if url.startswith("sqlite"):
         return url.replace("sqlite://", "sqlite+aiosqlite://", 1)
     return url.replace("+psycopg://", "+asyncpg://", 1)
-
-
-def _sqlite_pragmas(engine: Engine) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=2000")
-        cursor.close()
 
 
 @dataclass
@@ -62,7 +54,7 @@ class Database:
         else:
             self.engine = create_engine(self.url, **options)
         if self.is_sqlite:
-            _sqlite_pragmas(self.sync_engine)
+            sqlite_pragmas(self.sync_engine, busy_timeout_ms=2000)
         instrument(self.sync_engine)
 
     @property
