@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,23 +223,6 @@ def db(request: pytest.FixtureRequest, engine: Engine, tracker: Tracker) -> Any:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-def blocking_waits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The thread of every blocking wait of a psycopg 3 sync connection, from now on:
-    on the event loop's thread there must be none."""
-    import psycopg
-
-    threads: list[int] = []
-    original = psycopg.Connection.wait
-
-    def wait(self: psycopg.Connection[Any], *args: Any, **kwargs: Any) -> Any:
-        threads.append(threading.get_ident())
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(psycopg.Connection, "wait", wait)
-    return threads
 
 
 __all__ = ["Note", "Tracker", "User", "assert_clean", "count_rows", "user_names"]

@@ -15,11 +15,10 @@ application's ``send`` call, so the error handlers (Starlette's
 settled when it ends: committed only if it was accepted and ended normally.
 
 No blocking database I/O runs on the event loop: the commit, rollback and close of a
-sync Session that holds a connection await psycopg 3's socket on the loop
-(:mod:`sessionmw.loop_io`), or, with any other driver, run in one hop to a worker
-thread of our own (:mod:`sessionmw.offload`); shielded from cancellation either way.  A
-request that never touched the database stays on the loop, and so does a rollback or
-close on SQLite, which costs less than the hop.
+sync Session that holds a connection run in one hop to a worker thread of our own
+(:mod:`sessionmw.offload`), shielded from cancellation.  A request that never touched
+the database stays on the loop, and so does a rollback or close on SQLite, which costs
+less than the hop.
 
 Usage::
 

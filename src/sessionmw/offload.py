@@ -81,7 +81,7 @@ async def run_shielded(func: Callable[..., Awaitable[_T]], *args: Any) -> _T:
     return await _wait_shielded(asyncio.ensure_future(func(*args)))
 
 
-def in_anyio_scope() -> bool:
+def _in_anyio_scope() -> bool:
     """Whether the current asyncio task is inside an anyio cancel scope (a task group, a
     timeout, Starlette's streaming responses): only such a scope, once cancelled, cancels
     the task again on every turn of the loop, which an anyio shield holds off.  Entering
@@ -94,7 +94,7 @@ def in_anyio_scope() -> bool:
 
 async def _wait_shielded(work: asyncio.Future[_T]) -> _T:
     """:func:`wait_out`, inside an anyio shield when an anyio scope could cancel us."""
-    if not in_anyio_scope():
+    if not _in_anyio_scope():
         return await wait_out(work)
     with anyio.CancelScope(shield=True):
         result = await wait_out(work)

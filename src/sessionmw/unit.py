@@ -9,9 +9,8 @@ request in one place, by two-phase commit when every factory involved has
 The WSGI and ASGI adapters call this module and carry no such logic of their own.
 
 The settling itself is written once, as a sequence of steps (prepare, commit, roll
-back a Session); a sync driver runs them in place (WSGI; under ASGI on the loop with
-psycopg 3's I/O awaited, or in a worker thread) and an async one awaits them, so both
-protocols share one algorithm.
+back a Session); a sync driver runs them in place (WSGI, or a worker thread under
+ASGI) and an async one awaits them, so both protocols share one algorithm.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import SingletonThreadPool
 
 from .lingering import referents, wait_until_unused
-from .loop_io import awaitable_on_loop, run_on_loop
 from .metrics import Observe, RequestMetrics, instrument
 from .offload import run_in_worker, run_shielded
 from .oncommit import Callback, run_callback
@@ -109,8 +107,8 @@ def _is_local(proxy: ScopedSession) -> bool:
     return isinstance(bind, Engine) and bind.dialect.name == "sqlite"
 
 
-def _close_blocks(proxy: ScopedSession, session: Session, cancelled: bool) -> bool:
-    """Whether a sync Session's close must not run inline on the event loop: when it is
+def _closes_in_worker(proxy: ScopedSession, session: Session, cancelled: bool) -> bool:
+    """Whether a sync Session is closed in a worker thread under ASGI: when its close is
     a round trip across a network, and after a cancellation (a thread may be inside)."""
     if cancelled:
         return not _thread_bound(proxy)
@@ -387,11 +385,9 @@ class UnitOfWork:
     async def settle(self) -> None:
         """:meth:`settle_sync` for ASGI: no blocking database I/O on the event loop.
 
-        Sync Sessions settle on the loop with their I/O awaited when every connection
-        is psycopg 3's (:mod:`sessionmw.loop_io`), else in one hop to a worker thread
-        (inline when it is only a rollback on SQLite); async ones are awaited.  Shielded
-        from cancellation either way: a request cancelled between prepare and commit
-        still finishes both.
+        Sync Sessions settle in one hop to a worker thread (inline when it is only a
+        rollback on SQLite); async ones are awaited.  Shielded from cancellation either
+        way: a request cancelled between prepare and commit still finishes both.
         """
         if self.settled:
             return
@@ -403,8 +399,7 @@ class UnitOfWork:
         if any(isinstance(s, AsyncSession) for s in commits + rollbacks):
             await self._arun(run_shielded, self._drive_async, steps)
         elif commits or not all(self._local(s) for s in rollbacks):
-            sessions = commits + rollbacks
-            await self._arun(functools.partial(_off_the_loop, sessions), self._drive_sync, steps)
+            await self._arun(run_in_worker, self._drive_sync, steps)
         else:
             self._run(self._drive_sync, steps)
 
@@ -525,10 +520,9 @@ class UnitOfWork:
 
     async def end(self) -> None:
         """:meth:`end_sync` for ASGI: sync Sessions that hold a connection across a
-        network close without blocking the loop (:func:`_close_off_the_loop`), async
-        ones are awaited, shielded.  After a cancellation the sync ones close in a
-        worker thread once no thread the app started is still inside them
-        (:mod:`sessionmw.lingering`)."""
+        network close in one worker-thread hop, async ones are awaited, shielded.  After
+        a cancellation the sync ones close in that hop once no thread the app started is
+        still inside them (:mod:`sessionmw.lingering`)."""
         self._begin_end()
         request = self.request
         failure: BaseException | None = None
@@ -542,7 +536,7 @@ class UnitOfWork:
                     await discard_async(binding.session, request)  # type: ignore[arg-type]
                 except BaseException as exc:
                     failure = failure or exc
-            elif _close_blocks(binding.session, session, self.cancelled):
+            elif _closes_in_worker(binding.session, session, self.cancelled):
                 blocking.append(binding.session)
             else:
                 try:
@@ -551,7 +545,7 @@ class UnitOfWork:
                     failure = failure or exc
         if blocking:
             try:
-                await _close_off_the_loop(blocking, request, self.cancelled)
+                await run_in_worker(_closer(self.cancelled), blocking, request)
             except BaseException as exc:
                 failure = failure or exc
         self._removed()
@@ -626,29 +620,6 @@ def _discard_sync_when_unused(
     wait_until_unused(held, besides=[loop_thread])
     del held
     _discard_sync_all(proxies, request)
-
-
-async def _off_the_loop(sessions: Sequence[Session], func: Callable[..., Any], *args: Any) -> None:
-    """Run ``func(*args)``, the end of ``sessions``' work, without blocking the loop:
-    on the loop with its I/O awaited where the driver allows it (psycopg 3), else in one
-    hop to a worker thread."""
-    if awaitable_on_loop(sessions):
-        await run_on_loop(sessions, func, *args)
-    else:
-        await run_in_worker(func, *args)
-
-
-async def _close_off_the_loop(
-    proxies: Sequence[ScopedSession], request: RequestScope, cancelled: bool
-) -> None:
-    """Remove the sync Sessions of ``request`` whose close is a round trip, without
-    blocking the loop.  After a cancellation always in a worker thread, once no thread
-    the app started is still inside them."""
-    if cancelled:
-        await run_in_worker(_closer(cancelled), proxies, request)
-        return
-    sessions = [s for p in proxies if (s := p.registry.registry.get(request)) is not None]
-    await _off_the_loop(sessions, _discard_sync_all, proxies, request)
 
 
 def _closer(cancelled: bool) -> Callable[[Sequence[ScopedSession], RequestScope], None]:
@@ -771,25 +742,25 @@ class request_scope:  # noqa: N801 - used like contextlib's lowercase managers
         cancelled = exc_type is not None and issubclass(exc_type, asyncio.CancelledError)
         if scope is not None:
             try:
-                await self._discard_sync_off_the_loop(scope, cancelled)
+                await self._discard_sync_in_worker(scope, cancelled)
             except BaseException as error:
                 failure = failure or error
         self._discard_sync_and_close(failure)
 
-    async def _discard_sync_off_the_loop(self, scope: RequestScope, cancelled: bool) -> None:
+    async def _discard_sync_in_worker(self, scope: RequestScope, cancelled: bool) -> None:
         """Close the sync Sessions whose close would block the loop (a round trip), or
-        that a thread may still be inside (after a cancellation), off the loop."""
+        that a thread may still be inside (after a cancellation), in a worker thread."""
         offload = []
         for proxy in self.sessions:
             session = proxy.registry.registry.get(scope)
             if (
                 session is not None
                 and not is_async(proxy)
-                and _close_blocks(proxy, session, cancelled)
+                and _closes_in_worker(proxy, session, cancelled)
             ):
                 offload.append(proxy)
         if offload:
-            await _close_off_the_loop(offload, scope, cancelled)
+            await run_in_worker(_closer(cancelled), offload, scope)
 
     def _discard_sync_and_close(self, failure: BaseException | None) -> None:
         """Remove every sync session, even when one fails; then leave the scope and re-raise
