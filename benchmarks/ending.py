@@ -1,4 +1,4 @@
-"""Where a sync request's transaction ends, and what it costs: issue 10's scenario as is.
+"""Where a sync request's transaction ends, and what that costs across a network.
 
 uvicorn serves a Starlette app whose ``def`` endpoint runs one primary-key SELECT;
 PostgreSQL sits behind ``latency_proxy.py`` (2 ms each way by default); the load
@@ -14,10 +14,11 @@ database.  The rows differ only in where the transaction ends:
   has nothing left that needs a round trip.
 
 Every row is interleaved in each round.  Besides throughput and latency it reports how
-long a connection stays checked out (pool events) and the server's CPU per request::
+long a connection stays checked out per request (pool events), the steadiest of the
+figures on a shared machine::
 
     python benchmarks/ending.py                  # SQLAlchemy's default pool, 5 + 10
-    python benchmarks/ending.py --pool 60+0 --rounds 6
+    python benchmarks/ending.py --pool 60+0 --out benchmarks/results/ending-pool60.md
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pool", default="5+10", help="pool_size+max_overflow")
     parser.add_argument("--latency", type=float, default=2.0, help="ms each way")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "ending.md")
     args = parser.parse_args(argv)
@@ -102,17 +103,15 @@ def main(argv: list[str] | None = None) -> int:
             random.shuffle(order)
             for key in order:
                 port = ports[key]
-                before = stats(port)
+                stats(port)  # resets the hold times
                 result = network.load(port, settings, 50, 5, args.seconds)
                 after = stats(port)
                 one, none = result[network.DB_PATH], result[network.NO_DB_PATH]
-                served = (one["requests"] + none["requests"]) * (1 + settings.warmup / args.seconds)
                 runs[key].append({
                     "rps": one["rps"],
                     "p99_ms": one["p99_ms"],
                     "nodb_p99_ms": none["p99_ms"],
                     "held_ms": 1000 * after["seconds"] / max(after["checkouts"], 1),
-                    "cpu_us": 1e6 * (after["cpu_seconds"] - before["cpu_seconds"]) / served,
                 })  # fmt: skip
                 print(f"  [{n + 1}/{args.rounds}] {key:44} {one['rps']:6.0f} req/s", flush=True)
         table = report(runs, args)
@@ -134,16 +133,16 @@ def report(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace) ->
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"{when}, sessionmw at {commit or 'an unknown commit'}, `python benchmarks/ending.py "
-        f"--pool {args.pool}`.",
+        f"{' '.join(sys.argv[1:])}`.".replace(" `.", "`."),
         "",
         f"Starlette `def` endpoint, one SELECT, uvicorn; PostgreSQL {args.latency:g} ms away "
         f"each way; pool {args.pool}; 50 + 5 clients; {args.rounds} rounds of {args.seconds:g} s, "
-        "interleaved. x ref: median over rounds of the ratio to the hand-written row of the "
-        "same round.",
+        "interleaved. req/s: mean over rounds; x ref: median over rounds of the ratio to the "
+        "hand-written row of the same round; connection held: median over rounds of the mean "
+        "time from checkout to checkin.",
         "",
-        "| row | req/s | x ref | DB p99 x ref | no-DB p99 x ref | connection held "
-        "| CPU per request |",
-        "|---|--:|--:|--:|--:|--:|--:|",
+        "| row | req/s | x ref | DB p99 x ref | no-DB p99 x ref | connection held |",
+        "|---|--:|--:|--:|--:|--:|",
     ]
     for key, label in VARIANTS:
         mine = runs[key]
@@ -155,8 +154,7 @@ def report(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace) ->
         lines.append(
             f"| {label} | {statistics.mean(r['rps'] for r in mine):.0f} | {ratio('rps'):.2f} "
             f"| {ratio('p99_ms'):.2f} | {ratio('nodb_p99_ms'):.2f} "
-            f"| {statistics.median(r['held_ms'] for r in mine):.1f} ms "
-            f"| {statistics.median(r['cpu_us'] for r in mine):.0f} µs |"
+            f"| {statistics.median(r['held_ms'] for r in mine):.1f} ms |"
         )
     return "\n".join(lines) + "\n"
 

@@ -3,8 +3,8 @@
 They differ only in *where* the request's transaction ends: in the endpoint's own thread
 (hand-written, or sessionmw with the transaction ended in the endpoint), or after the
 endpoint returned (sessionmw's policies: a hop off the event loop).  Every app also serves
-``/stats``: how long each connection was checked out (pool events) and the process's CPU
-time, for the driver to read around each load run.
+``/stats``: how long each connection was checked out (pool events) since the last call, for
+the driver to read around each load run.
 
 uvicorn: ``uvicorn --factory ending_apps:app`` with ``BENCH_VARIANT``, ``BENCH_SYNC_URL``
 and ``BENCH_POOL`` in the environment.
@@ -55,9 +55,9 @@ async def none(request: Request) -> Response:
 
 
 async def stats(request: Request) -> Response:
-    """Connection hold time since the last call, and the process's CPU time so far."""
+    """Connection hold time since the last call."""
     with _lock:
-        report = {**_held, "cpu_seconds": time.process_time()}
+        report = dict(_held)
         _held.update(seconds=0.0, checkouts=0)
     return JSONResponse(report)
 
