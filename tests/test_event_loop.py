@@ -23,6 +23,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 import sessionmw
+import sessionmw.unit
 from tests.conftest import assert_clean, user_names
 from tests.models import Base, User
 
@@ -167,4 +168,50 @@ async def test_a_child_scope_closes_its_sync_session_off_the_loop(pg_engine: Eng
     await get_ok(one_route(endpoint, Session))
     assert len([name for name, _ in seen if name in ("reset", "rollback")]) >= 2
     assert [name for name, thread in seen if thread == loop_thread] == []
+    assert_clean(Session, pg_engine)
+
+
+@pytest.mark.parametrize("commit", ["manual", "on_success"])
+async def test_an_endpoint_that_ends_its_transaction_leaves_the_middleware_no_hop(
+    pg_engine: Engine, monkeypatch: pytest.MonkeyPatch, commit: str
+) -> None:
+    """The documented recipe: a ``def`` endpoint that ends its own transaction
+    (``close()`` under "manual", ``commit()`` under "on_success") leaves nothing that needs
+    a round trip, so the middleware removes the Session inline, with no worker hop."""
+    hops: list[Any] = []
+    real_hop = sessionmw.unit.run_in_worker
+
+    async def counted_hop(func: Any, *args: Any) -> Any:
+        hops.append(func)
+        return await real_hop(func, *args)
+
+    monkeypatch.setattr(sessionmw.unit, "run_in_worker", counted_hop)
+    Session = sessionmw.request_scoped(sessionmaker(bind=pg_engine))
+    seen = record_round_trips(pg_engine)
+    loop_thread = threading.get_ident()
+
+    def write(request: Request) -> Response:  # a sync endpoint, run in a worker thread
+        Session.add(User(name=request.path_params["name"]))
+        Session.flush()
+        response = PlainTextResponse("w", status_code=201)
+        if commit == "on_success":
+            Session.commit()
+        else:
+            Session.execute(text("select 1"))
+            Session.close()  # ends the transaction: the flushed row is rolled back
+        return response
+
+    app = Starlette(
+        routes=[Route("/write/{name}", write, methods=["POST"])],
+        middleware=[Middleware(sessionmw.ASGISessionMiddleware, session=Session, commit=commit)],
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        replies = await asyncio.gather(*[client.post(f"/write/u{n}") for n in range(5)])
+    assert [r.status_code for r in replies] == [201] * 5
+    assert hops == []  # the middleware had no round trip left to do
+    assert seen  # the endpoints did end their transactions
+    assert loop_thread not in {thread for _, thread in seen}
+    expected = {f"u{n}" for n in range(5)} if commit == "on_success" else set()
+    assert user_names(pg_engine) == expected
     assert_clean(Session, pg_engine)
