@@ -2,6 +2,7 @@
 
 from ._version import __version__ as __version__
 from .asgi import ASGISessionMiddleware
+from .endpoint import ends_in_thread
 from .oncommit import on_commit
 from .registry import request_scoped
 from .retry import is_transient
@@ -22,6 +23,7 @@ __all__ = [
     "RequestScope",
     "WSGISessionMiddleware",
     "current_request",
+    "ends_in_thread",
     "is_transient",
     "on_commit",
     "request_scope",

@@ -115,6 +115,14 @@ def _closes_in_worker(proxy: ScopedSession, session: Session, cancelled: bool) -
     return session.in_transaction() and not _is_local(proxy)
 
 
+def _reset(session: Session) -> None:
+    """End the transaction and leave the Session usable, as the middleware finds it:
+    ``reset()`` (SQLAlchemy 2.0.22+) whatever ``close_resets_only`` says, ``close()``
+    before it, which always reset."""
+    reset = getattr(session, "reset", None)
+    (reset or session.close)()
+
+
 def _sync(session: Any) -> Session:
     return session.sync_session if isinstance(session, AsyncSession) else session
 
@@ -260,9 +268,10 @@ class UnitOfWork:
 
     # -- settling --------------------------------------------------------------
 
-    def _decide(self) -> tuple[list[Any], list[Any]]:
-        """Which Sessions to commit and which to roll back: innermost middleware first,
-        the order in which stacked middlewares committed one by one before."""
+    def _decide(self, status: int) -> tuple[list[Any], list[Any]]:
+        """Which Sessions to commit and which to roll back for a response of ``status``:
+        innermost middleware first, the order in which stacked middlewares committed one
+        by one before."""
         commits: list[Any] = []
         rollbacks: list[Any] = []
         request = self.request
@@ -272,11 +281,7 @@ class UnitOfWork:
             session = binding.current(request)
             if session is None or not _sync(session).in_transaction():
                 continue
-            if (
-                not self.failed
-                and self.status
-                and binding.policy.should_commit(self.status, request)
-            ):
+            if not self.failed and status and binding.policy.should_commit(status, request):
                 commits.append(session)
             else:
                 rollbacks.append(session)
@@ -378,7 +383,7 @@ class UnitOfWork:
         if self.settled:
             return
         self.settled = True
-        commits, rollbacks = self._decide()
+        commits, rollbacks = self._decide(self.status)
         if commits or rollbacks:
             self._run(self._drive_sync, self._steps(commits, rollbacks))
 
@@ -392,7 +397,7 @@ class UnitOfWork:
         if self.settled:
             return
         self.settled = True
-        commits, rollbacks = self._decide()
+        commits, rollbacks = self._decide(self.status)
         if not (commits or rollbacks):
             return
         steps = self._steps(commits, rollbacks)
@@ -402,6 +407,34 @@ class UnitOfWork:
             await self._arun(run_in_worker, self._drive_sync, steps)
         else:
             self._run(self._drive_sync, steps)
+
+    def end_in_thread(self, status: int | None) -> None:
+        """Settle and close the request's sync Sessions in the calling thread, a ``def``
+        endpoint's, for a response of ``status`` (``None``: the endpoint raised).
+
+        Across a network this spares the event loop's turn and the worker-thread hop that
+        ending them after the endpoint would take, while the connection stays checked
+        out.  The closed Sessions stay registered: the middleware removes them as usual,
+        inline, since they no longer hold a connection.  Async Sessions are left to the
+        middleware, and so is all of it when any Session of the request is async.
+        """
+        request = self.request
+        sessions = [binding.current(request) for binding in self.bindings]
+        if request.ended or any(isinstance(s, AsyncSession) for s in sessions):
+            return
+        if status is None:
+            self.failed = True
+        if not self.settled:
+            self.settled = True
+            commits, rollbacks = self._decide(status or 500)
+            if commits or rollbacks:
+                self._run(self._drive_sync, self._steps(commits, rollbacks))
+        for binding, session in zip(self.bindings, sessions, strict=True):
+            if session is None or not session.in_transaction():
+                continue
+            if binding.policy.manual and status is not None and status < 400:
+                warn_if_unsaved(session, request)
+            _reset(session)
 
     def _local(self, session: Any) -> bool:
         for binding in self.bindings:
