@@ -9,13 +9,14 @@ database.  The rows differ only in where the transaction ends:
 - sessionmw ``"manual"`` / ``"on_success"``: after the endpoint returned, by the
   middleware (the commit or the close of a Session holding a connection is a hop off the
   event loop);
-- the same with the transaction ended in the endpoint (``Session.close()`` for a read
-  under ``"manual"``, ``Session.commit()`` under ``"on_success"``): the middleware then
-  has nothing left that needs a round trip.
+- the same with the endpoint decorated with ``@sessionmw.ends_in_thread``: the policy
+  decides and the Session closes in the endpoint's thread, so the middleware has nothing
+  left that needs a round trip.
 
 Every row is interleaved in each round.  Besides throughput and latency it reports how
 long a connection stays checked out per request (pool events), the steadiest of the
-figures on a shared machine::
+figures on a shared machine, and where that time goes: in the endpoint's thread, waiting
+for the event loop's turn, or after the response started::
 
     python benchmarks/ending.py                  # SQLAlchemy's default pool, 5 + 10
     python benchmarks/ending.py --pool 60+0 --out benchmarks/results/ending-pool60.md
@@ -44,12 +45,13 @@ VARIANTS = (
     ("hand", "hand-written: ends in the endpoint's thread"),
     ("sessionmw_manual", 'sessionmw "manual"'),
     ("sessionmw_on_success", 'sessionmw "on_success"'),
-    ("sessionmw_manual_closed_in_endpoint", 'sessionmw "manual", Session.close() in the endpoint'),
-    (
-        "sessionmw_on_success_committed_in_endpoint",
-        'sessionmw "on_success", Session.commit() in the endpoint',
-    ),
+    ("sessionmw_manual_ends_in_thread", 'sessionmw "manual", @ends_in_thread'),
+    ("sessionmw_on_success_ends_in_thread", 'sessionmw "on_success", @ends_in_thread'),
 )
+
+
+#: Where the connection's hold goes (``ending_apps.Moments``), in ms per request.
+SEGMENTS = ("in_endpoint", "loop_turn", "after_start")
 
 
 def stats(port: int) -> dict[str, float]:
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                     "p99_ms": one["p99_ms"],
                     "nodb_p99_ms": none["p99_ms"],
                     "held_ms": 1000 * after["seconds"] / max(after["checkouts"], 1),
+                    **{segment: after[segment] for segment in SEGMENTS},
                 })  # fmt: skip
                 print(f"  [{n + 1}/{args.rounds}] {key:44} {one['rps']:6.0f} req/s", flush=True)
         table = report(runs, args)
@@ -139,10 +142,12 @@ def report(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace) ->
         f"each way; pool {args.pool}; 50 + 5 clients; {args.rounds} rounds of {args.seconds:g} s, "
         "interleaved. req/s: mean over rounds; x ref: median over rounds of the ratio to the "
         "hand-written row of the same round; connection held: median over rounds of the mean "
-        "time from checkout to checkin.",
+        "time from checkout to checkin, then split: in the endpoint's thread; waiting for the "
+        "event loop to take the endpoint's result and start the response; after that start.",
         "",
-        "| row | req/s | x ref | DB p99 x ref | no-DB p99 x ref | connection held |",
-        "|---|--:|--:|--:|--:|--:|",
+        "| row | req/s | x ref | DB p99 x ref | no-DB p99 x ref | connection held "
+        "| in endpoint | loop's turn | after start |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for key, label in VARIANTS:
         mine = runs[key]
@@ -154,7 +159,9 @@ def report(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace) ->
         lines.append(
             f"| {label} | {statistics.mean(r['rps'] for r in mine):.0f} | {ratio('rps'):.2f} "
             f"| {ratio('p99_ms'):.2f} | {ratio('nodb_p99_ms'):.2f} "
-            f"| {statistics.median(r['held_ms'] for r in mine):.1f} ms |"
+            f"| {statistics.median(r['held_ms'] for r in mine):.1f} ms | "
+            + " | ".join(f"{statistics.median(r[s] for r in mine):.1f}" for s in SEGMENTS)
+            + " |"
         )
     return "\n".join(lines) + "\n"
 
