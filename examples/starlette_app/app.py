@@ -63,11 +63,14 @@ async def create_note(request: Request) -> Response:
     return JSONResponse(note.to_json(), status_code=201)
 
 
+@sessionmw.ends_in_thread
 def get_note(request: Request) -> Response:
-    """A sync endpoint: Starlette runs it in its thread pool, on the request's Session."""
+    """A sync endpoint: Starlette runs it in its thread pool, on the request's Session,
+    which it also ends there (``ends_in_thread``): no round trip is left for after."""
     return JSONResponse(_note(Session(), request.path_params["note_id"]).to_json())
 
 
+@sessionmw.ends_in_thread
 def delete_note(request: Request) -> Response:
     db = Session()  # this request's Session
     db.delete(_note(db, request.path_params["note_id"]))
