@@ -15,13 +15,15 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import Depends, FastAPI
 from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import sessionmw
@@ -197,3 +199,35 @@ def test_an_async_endpoint_is_refused_with_the_fix() -> None:
 
     with pytest.raises(TypeError, match="Remove the decorator"):
         sessionmw.ends_in_thread(endpoint)
+
+
+async def test_a_fastapi_endpoint_keeps_its_signature_and_ends_in_its_thread(
+    tmp_path: Any, hops: list[Any]
+) -> None:
+    """FastAPI reads the wrapped signature (path parameter, dependency) and runs the
+    wrapper in its thread pool; a returned ``JSONResponse`` commits there, with no hop
+    (on SQLite the middleware's commit would be one)."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'fastapi.db'}")
+    Base.metadata.create_all(engine)
+    Session = sessionmw.request_scoped(sessionmaker(bind=engine))
+
+    def get_db() -> OrmSession:
+        return Session()
+
+    app = FastAPI()
+    app.add_middleware(sessionmw.ASGISessionMiddleware, session=Session, commit="on_success")
+
+    @app.post("/users/{name}")
+    @sessionmw.ends_in_thread
+    def add(name: str, db: OrmSession = Depends(get_db)) -> JSONResponse:  # noqa: B008
+        db.add(User(name=name))
+        return JSONResponse({"name": name}, status_code=201)
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        reply = await client.post("/users/ada")
+    assert (reply.status_code, reply.json()) == (201, {"name": "ada"})
+    assert hops == []
+    assert user_names(engine) == {"ada"}
+    assert_clean(Session, engine)
+    engine.dispose()
