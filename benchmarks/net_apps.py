@@ -100,10 +100,13 @@ def fastapi_depends_def() -> Any:
     return _fastapi(one)
 
 
-def _sessionmw(factory: Any, commit: str, one_sync: bool, depends: bool = False) -> Any:
+def _sessionmw(
+    factory: Any, commit: str, one_sync: bool, depends: bool = False, in_thread: bool = False
+) -> Any:
     """The README's recipe: the middleware, and endpoints that call the scoped_session
     proxy (this request's Session); with ``depends``, an ``async def`` dependency that
-    returns it instead (FastAPI's dependency resolution then runs on every request)."""
+    returns it instead (FastAPI's dependency resolution then runs on every request); with
+    ``in_thread``, the ``def`` endpoint decorated with ``@sessionmw.ends_in_thread``."""
     from fastapi import Depends
 
     import sessionmw
@@ -122,6 +125,9 @@ def _sessionmw(factory: Any, commit: str, one_sync: bool, depends: bool = False)
 
         def one() -> Any:
             return _text(_name(scoped.get(Item, 1)))
+
+        if in_thread:
+            one = sessionmw.ends_in_thread(one)
 
     elif depends:
 
@@ -144,6 +150,14 @@ def fastapi_sessionmw_sync_manual() -> Any:
 
 def fastapi_sessionmw_sync_on_success() -> Any:
     return _sessionmw(sessionmaker(sync_engine()), "on_success", one_sync=True)
+
+
+def fastapi_sessionmw_sync_manual_in_thread() -> Any:
+    return _sessionmw(sessionmaker(sync_engine()), "manual", one_sync=True, in_thread=True)
+
+
+def fastapi_sessionmw_sync_on_success_in_thread() -> Any:
+    return _sessionmw(sessionmaker(sync_engine()), "on_success", one_sync=True, in_thread=True)
 
 
 def fastapi_sessionmw_sync_on_success_depends() -> Any:
