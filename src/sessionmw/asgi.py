@@ -175,6 +175,7 @@ class ASGISessionMiddleware:
             finally:
                 if traced is not None:
                     responder.unit.deactivate(traced)
+                responder.unit.release()
                 _current.reset(token)
                 scope.pop(TOKEN_KEY, None)  # type: ignore[misc]  # no cycle scope <-> token
 

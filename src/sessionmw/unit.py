@@ -599,6 +599,14 @@ class UnitOfWork:
         callbacks, self.callbacks = self.callbacks, []
         await run_shielded(_run_all, callbacks, describe(self.request))
 
+    def release(self) -> None:
+        """Let go of the request once it is over: its token no longer points at this
+        unit, so the two form no cycle, and reference counting frees them and all they
+        reach (the ASGI scope, the WSGI environ) at once instead of the cycle collector,
+        which at a cycle per request ran often over a large heap."""
+        if self.request.unit is self:
+            self.request.unit = None
+
     def thread_bound(self) -> bool:
         """Whether a Session of the request draws from a pool whose connections belong to
         one thread (SQLite memory databases' SingletonThreadPool)."""

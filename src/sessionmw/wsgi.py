@@ -392,8 +392,11 @@ class _Response:
         try:
             self.end()
         finally:
-            if self.unit.callbacks:
-                self.unit.run_callbacks_sync()
+            try:
+                if self.unit.callbacks:
+                    self.unit.run_callbacks_sync()
+            finally:
+                self.unit.release()
 
     def end(self) -> None:
         """Remove the request's sessions and end its scope; once."""
