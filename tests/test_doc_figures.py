@@ -20,6 +20,8 @@ COST_ROWS = {
     "uvicorn, sync `def` endpoints": [
         ("uvicorn", '**sessionmw sync, "manual"**'),
         ("uvicorn", '**sessionmw sync, "on_success"**'),
+        ("uvicorn", '**sessionmw sync, "manual", @ends_in_thread**'),
+        ("uvicorn", '**sessionmw sync, "on_success", @ends_in_thread**'),
         ("uvicorn", "Depends, tutorial def get_db (sync)"),
         ("uvicorn", "advanced-alchemy sync"),
         ("uvicorn (fastapi-sqla venv)", "fastapi-sqla sync"),
