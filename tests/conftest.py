@@ -18,6 +18,7 @@ from sqlalchemy.orm import scoped_session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 import sessionmw
+import sessionmw.unit
 from tests.models import Base, Note, User
 from tests.pgbouncer import PgBouncer, start_pgbouncer
 from tests.postgres import REQUIRE_ENV, PostgresServer, start_server, stop_server
@@ -226,3 +227,17 @@ def anyio_backend() -> str:
 
 
 __all__ = ["Note", "Tracker", "User", "assert_clean", "count_rows", "user_names"]
+
+
+@pytest.fixture
+def worker_hops(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every worker-thread hop the middleware takes, by the function it hands over."""
+    taken: list[Any] = []
+    real_hop = sessionmw.unit.run_in_worker
+
+    async def counted_hop(func: Any, *args: Any) -> Any:
+        taken.append(func)
+        return await real_hop(func, *args)
+
+    monkeypatch.setattr(sessionmw.unit, "run_in_worker", counted_hop)
+    return taken

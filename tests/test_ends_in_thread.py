@@ -44,20 +44,6 @@ def pg_engine(pg_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
-@pytest.fixture
-def hops(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Every worker-thread hop the middleware takes."""
-    taken: list[Any] = []
-    real_hop = sessionmw.unit.run_in_worker
-
-    async def counted_hop(func: Any, *args: Any) -> Any:
-        taken.append(func)
-        return await real_hop(func, *args)
-
-    monkeypatch.setattr(sessionmw.unit, "run_in_worker", counted_hop)
-    return taken
-
-
 def serve(Session: Any, commit: Commit, *routes: Route) -> httpx.AsyncClient:
     app = Starlette(
         routes=list(routes),
@@ -72,7 +58,7 @@ def serve(Session: Any, commit: Commit, *routes: Route) -> httpx.AsyncClient:
     [("on_success", 201, True), ("on_success", 409, False), ("manual", 201, False)],
 )
 async def test_the_policy_decides_in_the_endpoint_thread(
-    pg_engine: Engine, hops: list[Any], commit: Commit, status: int, kept: bool
+    pg_engine: Engine, worker_hops: list[Any], commit: Commit, status: int, kept: bool
 ) -> None:
     Session = sessionmw.request_scoped(sessionmaker(bind=pg_engine))
     seen = record_round_trips(pg_engine)
@@ -95,7 +81,7 @@ async def test_the_policy_decides_in_the_endpoint_thread(
     async with serve(Session, commit, Route("/{name}", write, methods=["POST"])) as client:
         replies = await asyncio.gather(*[client.post(f"/u{n}") for n in range(5)])
     assert [r.status_code for r in replies] == [status] * 5
-    assert hops == []  # nothing was left for the middleware to end off the loop
+    assert worker_hops == []  # nothing was left for the middleware to end off the loop
     assert seen
     assert {thread for _, thread in seen} <= endpoint_threads
     names = {f"u{n}" for n in range(5)}
@@ -105,7 +91,7 @@ async def test_the_policy_decides_in_the_endpoint_thread(
 
 
 async def test_a_commit_that_fails_in_the_endpoint_answers_500(
-    pg_engine: Engine, hops: list[Any]
+    pg_engine: Engine, worker_hops: list[Any]
 ) -> None:
     """The deferred foreign key fails at COMMIT, in the endpoint's thread: the client
     gets a 500, never the 201 the endpoint returned, and nothing is saved."""
@@ -122,13 +108,13 @@ async def test_a_commit_that_fails_in_the_endpoint_answers_500(
     assert reply.status_code == 500
     with pg_engine.connect() as conn:
         assert conn.scalar(text("select count(*) from user_notes")) == 0
-    assert hops == []
+    assert worker_hops == []
     assert_clean(Session, pg_engine)
 
 
 @pytest.mark.parametrize("commit", ["manual", "on_success"])
 async def test_an_endpoint_that_raises_rolls_back_in_its_thread(
-    pg_engine: Engine, hops: list[Any], commit: Commit
+    pg_engine: Engine, worker_hops: list[Any], commit: Commit
 ) -> None:
     Session = sessionmw.request_scoped(sessionmaker(bind=pg_engine))
     seen = record_round_trips(pg_engine)
@@ -142,7 +128,7 @@ async def test_an_endpoint_that_raises_rolls_back_in_its_thread(
 
     async with serve(Session, commit, Route("/", fails, methods=["POST"])) as client:
         assert (await client.post("/")).status_code == 500
-    assert hops == []
+    assert worker_hops == []
     assert seen
     assert loop_thread not in {thread for _, thread in seen}
     assert user_names(pg_engine) == set()
@@ -150,7 +136,7 @@ async def test_an_endpoint_that_raises_rolls_back_in_its_thread(
 
 
 async def test_what_runs_after_the_endpoint_still_has_its_session(
-    pg_engine: Engine, hops: list[Any]
+    pg_engine: Engine, worker_hops: list[Any]
 ) -> None:
     """A streamed body and a background task use the Session after the endpoint returned:
     the decorator leaves those requests to the middleware, which ends them after."""
@@ -181,7 +167,7 @@ async def test_what_runs_after_the_endpoint_still_has_its_session(
         assert (await client.get("/streamed")).text == "streamed"
         assert (await client.get("/background")).text == "later"
     assert used_later == [True, True]  # the endpoint's transaction was still open
-    assert len(hops) == 2  # the middleware ended both, off the loop
+    assert len(worker_hops) == 2  # the middleware ended both, off the loop
     assert_clean(Session, pg_engine)
 
 
@@ -202,7 +188,7 @@ def test_an_async_endpoint_is_refused_with_the_fix() -> None:
 
 
 async def test_a_fastapi_endpoint_keeps_its_signature_and_ends_in_its_thread(
-    tmp_path: Any, hops: list[Any]
+    tmp_path: Any, worker_hops: list[Any]
 ) -> None:
     """FastAPI reads the wrapped signature (path parameter, dependency) and runs the
     wrapper in its thread pool; a returned ``JSONResponse`` commits there, with no hop
@@ -227,7 +213,7 @@ async def test_a_fastapi_endpoint_keeps_its_signature_and_ends_in_its_thread(
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         reply = await client.post("/users/ada")
     assert (reply.status_code, reply.json()) == (201, {"name": "ada"})
-    assert hops == []
+    assert worker_hops == []
     assert user_names(engine) == {"ada"}
     assert_clean(Session, engine)
     engine.dispose()

@@ -173,19 +173,12 @@ async def test_a_child_scope_closes_its_sync_session_off_the_loop(pg_engine: Eng
 
 @pytest.mark.parametrize("commit", ["manual", "on_success"])
 async def test_an_endpoint_that_ends_its_transaction_leaves_the_middleware_no_hop(
-    pg_engine: Engine, monkeypatch: pytest.MonkeyPatch, commit: str
+    pg_engine: Engine, worker_hops: list[Any], commit: str
 ) -> None:
-    """The documented recipe: a ``def`` endpoint that ends its own transaction
-    (``close()`` under "manual", ``commit()`` under "on_success") leaves nothing that needs
-    a round trip, so the middleware removes the Session inline, with no worker hop."""
-    hops: list[Any] = []
-    real_hop = sessionmw.unit.run_in_worker
-
-    async def counted_hop(func: Any, *args: Any) -> Any:
-        hops.append(func)
-        return await real_hop(func, *args)
-
-    monkeypatch.setattr(sessionmw.unit, "run_in_worker", counted_hop)
+    """A ``def`` endpoint that ends its own transaction (``close()`` under "manual",
+    ``commit()`` under "on_success") leaves nothing that needs a round trip, so the
+    middleware removes the Session inline, with no worker hop."""
+    hops = worker_hops
     Session = sessionmw.request_scoped(sessionmaker(bind=pg_engine))
     seen = record_round_trips(pg_engine)
     loop_thread = threading.get_ident()
