@@ -9,7 +9,7 @@ longer for one.  A hand-written endpoint ends its transaction before it returns.
 
 :func:`ends_in_thread` does that for a ``def`` endpoint that returns a complete
 response: the policy's decision is taken with the response's status, in the
-endpoint's thread, and the Sessions are closed there; the middleware then only removes
+endpoint's thread, and the Sessions are reset there; the middleware then only removes
 them, with no hop.  Everything else stays with the middleware: a response that is
 streamed, or has background tasks, may still use the Session after the endpoint
 returns, and an endpoint that returns plain data (FastAPI) has no status yet.
@@ -43,7 +43,7 @@ _R = TypeVar("_R")
 
 
 def ends_in_thread(endpoint: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Settle and close the request's sync Sessions before ``endpoint`` returns.
+    """Settle and reset the request's sync Sessions before ``endpoint`` returns.
 
     With ``commit="on_success"`` the request commits if the returned response's status
     is below 400 (and :func:`sessionmw.set_rollback` was not called); ``"manual"`` and

@@ -409,12 +409,12 @@ class UnitOfWork:
             self._run(self._drive_sync, steps)
 
     def end_in_thread(self, status: int | None) -> None:
-        """Settle and close the request's sync Sessions in the calling thread, a ``def``
+        """Settle and reset the request's sync Sessions in the calling thread, a ``def``
         endpoint's, for a response of ``status`` (``None``: the endpoint raised).
 
         Across a network this spares the event loop's turn and the worker-thread hop that
         ending them after the endpoint would take, while the connection stays checked
-        out.  The closed Sessions stay registered: the middleware removes them as usual,
+        out.  The reset Sessions stay registered: the middleware removes them as usual,
         inline, since they no longer hold a connection.  Async Sessions are left to the
         middleware, and so is all of it when any Session of the request is async.
         """
