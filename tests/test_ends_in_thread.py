@@ -112,26 +112,47 @@ async def test_a_commit_that_fails_in_the_endpoint_answers_500(
     assert_clean(Session, pg_engine)
 
 
-@pytest.mark.parametrize("commit", ["manual", "on_success"])
-async def test_an_endpoint_that_raises_rolls_back_in_its_thread(
-    pg_engine: Engine, worker_hops: list[Any], commit: Commit
+class MovedError(Exception):
+    """Answered by an exception handler with a redirect: a success, for the policy."""
+
+
+@pytest.mark.parametrize("decorated", [True, False])
+async def test_an_endpoint_that_raises_is_decided_as_without_the_decorator(
+    pg_engine: Engine, decorated: bool
 ) -> None:
+    """What an exception means is known only once the app's exception handlers have
+    answered: a 303 from a handler commits under "on_success", an unhandled error rolls
+    back. The decorator leaves both to the middleware, so the rows are the same with it
+    and without it."""
     Session = sessionmw.request_scoped(sessionmaker(bind=pg_engine))
     seen = record_round_trips(pg_engine)
     loop_thread = threading.get_ident()
 
-    @sessionmw.ends_in_thread
-    def fails(request: Request) -> Response:
-        Session.add(User(name="lost"))
+    def write_then_raise(request: Request) -> Response:
+        name = request.path_params["name"]
+        Session.add(User(name=name))
         Session.flush()
-        raise LookupError("after the write")
+        raise MovedError() if name == "moved" else LookupError("after the write")
 
-    async with serve(Session, commit, Route("/", fails, methods=["POST"])) as client:
-        assert (await client.post("/")).status_code == 500
-    assert worker_hops == []
+    endpoint = sessionmw.ends_in_thread(write_then_raise) if decorated else write_then_raise
+
+    async def moved(request: Request, exc: Exception) -> Response:
+        return Response(status_code=303, headers={"location": "/elsewhere"})
+
+    app = Starlette(
+        routes=[Route("/{name}", endpoint, methods=["POST"])],
+        middleware=[
+            Middleware(sessionmw.ASGISessionMiddleware, session=Session, commit="on_success")
+        ],
+        exception_handlers={MovedError: moved},
+    )
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.post("/moved")).status_code == 303
+        assert (await client.post("/failed")).status_code == 500
     assert seen
-    assert loop_thread not in {thread for _, thread in seen}
-    assert user_names(pg_engine) == set()
+    assert loop_thread not in {thread for _, thread in seen}  # before this test's own reads
+    assert user_names(pg_engine) == {"moved"}
     assert_clean(Session, pg_engine)
 
 
