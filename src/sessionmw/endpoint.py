@@ -28,15 +28,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 from .scope import _current
 
 __all__ = ["ends_in_thread"]
-
-log = logging.getLogger("sessionmw")
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -46,11 +43,12 @@ def ends_in_thread(endpoint: Callable[_P, _R]) -> Callable[_P, _R]:
     """Settle and reset the request's sync Sessions before ``endpoint`` returns.
 
     With ``commit="on_success"`` the request commits if the returned response's status
-    is below 400 (and :func:`sessionmw.set_rollback` was not called); ``"manual"`` and
-    any exception roll back what was not committed.  A commit that fails raises from the
-    endpoint, so the client gets an error, never the success it returned.  Outside a
-    request, or for a response that is streamed, has background tasks or is not a
-    response at all, it does nothing and the middleware ends the request as usual.
+    is below 400 (and :func:`sessionmw.set_rollback` was not called); ``"manual"`` rolls
+    back what was not committed.  A commit that fails raises from the endpoint, so the
+    client gets an error, never the success it returned.  Outside a request, when the
+    endpoint raises (an exception handler may still answer with a success), or for a
+    response that is streamed, has background tasks or is not a response at all, it does
+    nothing and the middleware ends the request as usual.
     """
     if inspect.iscoroutinefunction(endpoint):
         raise TypeError(
@@ -61,14 +59,13 @@ def ends_in_thread(endpoint: Callable[_P, _R]) -> Callable[_P, _R]:
 
     @functools.wraps(endpoint)
     def ending(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        try:
-            response = endpoint(*args, **kwargs)
-        except BaseException:
-            _end_after_failure()
-            raise
+        response = endpoint(*args, **kwargs)
         status = complete_status(response)
         if status is not None:
-            _end(status)
+            request = _current.get()
+            unit: Any = request.unit if request is not None else None
+            if unit is not None:
+                unit.end_in_thread(status)
         return response
 
     return ending
@@ -86,20 +83,3 @@ def complete_status(response: object) -> int | None:
     ):
         return status
     return None
-
-
-def _end_after_failure() -> None:
-    """Roll back after the endpoint raised; a failure here is logged, not raised, so
-    that the endpoint's own exception is the one the app sees (the middleware closes
-    what is left)."""
-    try:
-        _end(None)
-    except Exception:
-        log.error("rolling back after the endpoint raised failed", exc_info=True)
-
-
-def _end(status: int | None) -> None:
-    request = _current.get()
-    unit: Any = request.unit if request is not None else None
-    if unit is not None:
-        unit.end_in_thread(status)

@@ -408,9 +408,9 @@ class UnitOfWork:
         else:
             self._run(self._drive_sync, steps)
 
-    def end_in_thread(self, status: int | None) -> None:
+    def end_in_thread(self, status: int) -> None:
         """Settle and reset the request's sync Sessions in the calling thread, a ``def``
-        endpoint's, for a response of ``status`` (``None``: the endpoint raised).
+        endpoint's, for the response of ``status`` it returned.
 
         Across a network this spares the event loop's turn and the worker-thread hop that
         ending them after the endpoint would take, while the connection stays checked
@@ -422,17 +422,15 @@ class UnitOfWork:
         sessions = [binding.current(request) for binding in self.bindings]
         if request.ended or any(isinstance(s, AsyncSession) for s in sessions):
             return
-        if status is None:
-            self.failed = True
         if not self.settled:
             self.settled = True
-            commits, rollbacks = self._decide(status or 500)
+            commits, rollbacks = self._decide(status)
             if commits or rollbacks:
                 self._run(self._drive_sync, self._steps(commits, rollbacks))
         for binding, session in zip(self.bindings, sessions, strict=True):
             if session is None or not session.in_transaction():
                 continue
-            if binding.policy.manual and status is not None and status < 400:
+            if binding.policy.manual and status < 400:
                 warn_if_unsaved(session, request)
             _reset(session)
 
