@@ -432,7 +432,10 @@ class UnitOfWork:
                 continue
             if binding.policy.manual and status < 400:
                 warn_if_unsaved(session, request)
-            _reset(session)
+            try:
+                _reset(session)
+            except Exception:  # the response stands; the middleware closes it again
+                log.error("resetting the session of %s failed", describe(request), exc_info=True)
 
     def _local(self, session: Any) -> bool:
         for binding in self.bindings:
@@ -537,7 +540,13 @@ class UnitOfWork:
 
     def end_sync(self) -> None:
         """Remove every Session of the request (closing rolls back what was not
-        committed) and end its scope; each is removed even if another fails."""
+        committed) and end its scope; each is removed even if another fails.
+
+        A close that fails is logged, never raised: it comes after the request's outcome
+        was decided and cannot change it (the database drops an open transaction with its
+        connection), while raising it would fail the response or, once that is out, make
+        the server drop the kept-alive connection and the client's next request on it.
+        """
         self._begin_end()
         failure: BaseException | None = None
         for binding in self.bindings:
@@ -546,12 +555,12 @@ class UnitOfWork:
             except BaseException as exc:
                 failure = failure or exc
         self._removed()
-        if failure is not None:
-            raise failure
+        _raise_unless_logged(failure)
 
     async def end(self) -> None:
         """:meth:`end_sync` for ASGI: sync Sessions that hold a connection across a
-        network close in one worker-thread hop, async ones are awaited, shielded.  After
+        network close in one worker-thread hop, async ones are awaited, shielded; a close
+        that fails is logged, not raised.  After
         a cancellation the sync ones close in that hop once no thread the app started is
         still inside them (:mod:`sessionmw.lingering`)."""
         self._begin_end()
@@ -580,8 +589,7 @@ class UnitOfWork:
             except BaseException as exc:
                 failure = failure or exc
         self._removed()
-        if failure is not None:
-            raise failure
+        _raise_unless_logged(failure)
 
     # -- after the response ---------------------------------------------------
 
@@ -609,6 +617,13 @@ class UnitOfWork:
         """Whether a Session of the request draws from a pool whose connections belong to
         one thread (SQLite memory databases' SingletonThreadPool)."""
         return any(b.thread_bound() for b in self.bindings)
+
+
+def _raise_unless_logged(failure: BaseException | None) -> None:
+    """Re-raise a cancellation or an interrupt met while removing Sessions; a failed close
+    (an ``Exception``) was logged by :func:`discard_sync` or :func:`discard_async`."""
+    if failure is not None and not isinstance(failure, Exception):
+        raise failure
 
 
 async def _run_all(callbacks: list[Callback], where: str) -> None:
