@@ -238,3 +238,29 @@ async def test_a_fastapi_endpoint_keeps_its_signature_and_ends_in_its_thread(
     assert user_names(engine) == {"ada"}
     assert_clean(Session, engine)
     engine.dispose()
+
+
+async def test_a_reset_that_fails_leaves_the_response_and_the_session_to_the_middleware(
+    pg_engine: Engine, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The connection is lost before the endpoint returns: the reset in its thread fails,
+    is logged, and the middleware removes the Session; the endpoint's answer stands."""
+    from tests.close_failure_apps import PID, _admin, terminate
+
+    admin = _admin(pg_url)
+    Session = sessionmw.request_scoped(sessionmaker(bind=pg_engine))
+
+    @sessionmw.ends_in_thread
+    def lose(request: Request) -> Response:
+        Session.add(User(name="lost"))
+        Session.flush()
+        terminate(admin, Session.execute(PID).scalar_one())
+        return PlainTextResponse("read")
+
+    async with serve(Session, "manual", Route("/", lose)) as client:
+        response = await client.get("/")
+    assert (response.status_code, response.text) == (200, "read")
+    assert "resetting the session of GET / failed" in caplog.text
+    assert user_names(pg_engine) == set()
+    assert_clean(Session, pg_engine)
+    admin.dispose()
