@@ -26,8 +26,10 @@ from tests.faults.probe import (
     APP_ERROR,
     CANCEL,
     CANCEL_SCOPE,
+    DB_ERROR,
     DISCONNECT,
     EARLY_CLOSE,
+    INVALIDATE,
     InjectedAppError,
     Probe,
     Step,
@@ -59,6 +61,8 @@ class Outcome:
     status: int | None = None
     escaped: str | None = None
     hung: bool = False
+    #: How many steps were recorded when the client had the whole response.
+    completed_at: int | None = None
     #: SQLAlchemy's graceful closes of terminated aiosqlite connections left pending.
     abandoned_closes: int = 0
 
@@ -213,6 +217,8 @@ async def serve_asgi(
         if fault == DISCONNECT:
             client.leave()
         await client.send(message)
+        if outcome.completed_at is None and getattr(client, "complete", False):
+            outcome.completed_at = len(probe.steps)
         if fault == APP_ERROR:
             raise InjectedAppError(f"the app failed after sending {message['type']}")
 
@@ -371,6 +377,7 @@ def serve_wsgi(world: World, probe: Probe, run: Run | None = None) -> Outcome:
                 chunk = next(iterator)
             except StopIteration:
                 send_headers()
+                outcome.completed_at = len(probe.steps)
                 break
             if chunk:
                 send_headers()
@@ -445,6 +452,19 @@ def check_request(world: World, probe: Probe, outcome: Outcome, rows: Counter[st
                 problems.append(f"{name} committed though the websocket app failed")
             if run.app_returned and outcome.escaped is None and not kept(name):
                 problems.append(f"the websocket ended normally but {name} was not committed")
+    fired = probe.fired
+    if (
+        outcome.escaped is not None
+        and fired is not None
+        and probe.fault in (DB_ERROR, INVALIDATE)
+        and outcome.completed_at is not None
+        and not shape.after  # no work of the app's own after the response
+        and probe.steps.index(fired) >= outcome.completed_at
+    ):
+        problems.append(
+            f"the response was complete, then a database failure at {fired} reached the "
+            f"server: {outcome.escaped}"
+        )
     lost = sorted(n for n in run.confirmed if not kept(n))
     if lost:
         problems.append(f"the app's commit of {lost} returned but the rows are missing")

@@ -7,7 +7,9 @@ Each one undoes one promise; the harness must catch every one of them:
 - ``late_commit``: ASGI forwards ``http.response.start`` first and commits after, so
   the client may get a 2xx for a commit that then fails;
 - ``skip_removal``: WSGI skips removing the request's Sessions when the app's iterable
-  fails to close.
+  fails to close;
+- ``raise_failed_close``: a Session that fails to close raises to the server, after the
+  response too.
 
 Run one with ``SESSIONMW_FAULTS_MUTANT=<name> python -m pytest tests/test_faults_asgi.py
 tests/test_faults_wsgi.py -k sqlite``: the runs that catch it are the violations listed.
@@ -67,10 +69,19 @@ def skip_removal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(wsgi._Response, "close", close)
 
 
+def raise_failed_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    def raise_it(failure: BaseException | None) -> None:
+        if failure is not None:
+            raise failure
+
+    monkeypatch.setattr(unit, "_raise_unless_logged", raise_it)
+
+
 MUTANTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "unshielded": unshielded,
     "late_commit": late_commit,
     "skip_removal": skip_removal,
+    "raise_failed_close": raise_failed_close,
 }
 
 

@@ -506,6 +506,8 @@ SHAPES = (
         databases=2,
     ),
     Shape("manual_commit", 201, asgi_manual, wsgi_manual, manual=("m1", "m2"), commit="manual"),
+    # The commonest manual request: it reads, and its close rolls back after the response.
+    Shape("manual_read", 200, asgi_read, wsgi_read, commit="manual"),
     Shape("on_commit", 201, asgi_on_commit, wsgi_on_commit, auto=("oc",), callbacks=("oc",)),
     Shape("retried", 201, asgi_retried, wsgi_retried, auto=("rt",), retries=1),
 )
