@@ -105,3 +105,83 @@ def test_a_close_that_fails_does_not_turn_a_finished_list_response_into_a_500(
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     engine.dispose()
     admin.dispose()
+
+
+def test_sessions_are_closed_when_no_worker_thread_can_take_them(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker threads are gone (their executor is shut down, as at interpreter exit):
+    the failure is logged, and the request's Sessions are closed on the loop instead of
+    being left in the registry for good."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from sessionmw import offload
+
+    engine = create_engine(pg_url)
+    Session = sessionmw.request_scoped(sessionmaker(bind=engine))
+
+    def read(request: Request) -> PlainTextResponse:
+        Session.execute(close_failure_apps.PID)
+        return PlainTextResponse("read")
+
+    app = Starlette(routes=[Route("/", read)])
+    app.add_middleware(sessionmw.ASGISessionMiddleware, session=Session)
+    gone = ThreadPoolExecutor(1)
+    gone.shutdown()
+    monkeypatch.setattr(offload, "_executor", lambda: gone)
+
+    async def get() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.get("/")
+
+    response = asyncio.run(get())
+    assert (response.status_code, response.text) == (200, "read")
+    assert "removing the sessions of GET / failed" in caplog.text
+    assert Session.registry.registry == {}
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    engine.dispose()
+
+
+def test_an_interrupt_while_removing_is_raised_even_after_a_failed_close(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two databases: the first Session's close fails (logged), the second's is
+    interrupted; the interrupt still reaches the server, and both are removed."""
+    from sqlalchemy import text
+    from sqlalchemy.orm import Session as OrmSession
+
+    class FailingClose(OrmSession):
+        def close(self) -> None:
+            super().close()
+            raise RuntimeError("the close failed")
+
+    class InterruptedClose(OrmSession):
+        def close(self) -> None:
+            super().close()
+            raise KeyboardInterrupt
+
+    engines = [create_engine(f"sqlite:///{tmp_path}/{n}.db") for n in ("a", "b")]
+    first = sessionmw.request_scoped(sessionmaker(bind=engines[0], class_=FailingClose))
+    second = sessionmw.request_scoped(sessionmaker(bind=engines[1], class_=InterruptedClose))
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        first.execute(text("select 1"))
+        second.execute(text("select 1"))
+        start_response("200 OK", [])
+        return [b"read"]
+
+    inner = sessionmw.WSGISessionMiddleware(app, second, environ_key="second")
+    outer = sessionmw.WSGISessionMiddleware(inner, first)
+    with pytest.raises(KeyboardInterrupt):
+        outer({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda *args: None)
+    assert "closing the session of GET / failed" in caplog.text
+    assert first.registry.registry == {}
+    assert second.registry.registry == {}
+    assert [engine.pool.checkedout() for engine in engines] == [0, 0]  # type: ignore[attr-defined]

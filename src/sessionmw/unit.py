@@ -548,14 +548,15 @@ class UnitOfWork:
         the server drop the kept-alive connection and the client's next request on it.
         """
         self._begin_end()
-        failure: BaseException | None = None
+        interrupted: BaseException | None = None
         for binding in self.bindings:
             try:
-                discard_sync(binding.session, self.request)
-            except BaseException as exc:
-                failure = failure or exc
+                discard_sync(binding.session, self.request, reraise=False)
+            except BaseException as exc:  # an interrupt: the others are still removed
+                interrupted = interrupted or exc
         self._removed()
-        _raise_unless_logged(failure)
+        if interrupted is not None:
+            raise interrupted
 
     async def end(self) -> None:
         """:meth:`end_sync` for ASGI: sync Sessions that hold a connection across a
@@ -565,31 +566,34 @@ class UnitOfWork:
         still inside them (:mod:`sessionmw.lingering`)."""
         self._begin_end()
         request = self.request
-        failure: BaseException | None = None
+        interrupted: BaseException | None = None
         blocking = []
         for binding in self.bindings:
             session = binding.current(request)
             if session is None:
                 continue
-            if binding.is_async:
-                try:
-                    await discard_async(binding.session, request)  # type: ignore[arg-type]
-                except BaseException as exc:
-                    failure = failure or exc
-            elif _closes_in_worker(binding.session, session, self.cancelled):
-                blocking.append(binding.session)
-            else:
-                try:
-                    discard_sync(binding.session, request)
-                except BaseException as exc:
-                    failure = failure or exc
+            try:
+                if binding.is_async:
+                    await discard_async(binding.session, request, reraise=False)  # type: ignore[arg-type]
+                elif _closes_in_worker(binding.session, session, self.cancelled):
+                    blocking.append(binding.session)
+                else:
+                    discard_sync(binding.session, request, reraise=False)
+            except BaseException as exc:  # a cancellation: the others are still removed
+                interrupted = interrupted or exc
         if blocking:
             try:
-                await run_in_worker(_closer(self.cancelled), blocking, request)
+                await run_in_worker(_closer(self.cancelled, reraise=False), blocking, request)
+            except Exception:
+                # No worker thread took the closes (its executor is shut down, as at
+                # interpreter exit): better a round trip on the loop than a leak.
+                log.error("removing the sessions of %s failed", describe(request), exc_info=True)
+                _discard_sync_all(blocking, request, reraise=False)
             except BaseException as exc:
-                failure = failure or exc
+                interrupted = interrupted or exc
         self._removed()
-        _raise_unless_logged(failure)
+        if interrupted is not None:
+            raise interrupted
 
     # -- after the response ---------------------------------------------------
 
@@ -619,13 +623,6 @@ class UnitOfWork:
         return any(b.thread_bound() for b in self.bindings)
 
 
-def _raise_unless_logged(failure: BaseException | None) -> None:
-    """Re-raise a cancellation or an interrupt met while removing Sessions; a failed close
-    (an ``Exception``) was logged by :func:`discard_sync` or :func:`discard_async`."""
-    if failure is not None and not isinstance(failure, Exception):
-        raise failure
-
-
 async def _run_all(callbacks: list[Callback], where: str) -> None:
     batch: list[Callback] = []
     for callback in callbacks:
@@ -648,13 +645,15 @@ def _run_batch(callbacks: list[Callback], where: str) -> None:
         run_callback(callback, where)
 
 
-def _discard_sync_all(proxies: Sequence[ScopedSession], request: RequestScope) -> None:
+def _discard_sync_all(
+    proxies: Sequence[ScopedSession], request: RequestScope, reraise: bool = True
+) -> None:
     """Remove the Session of ``request`` from each proxy, even when one fails; then
-    re-raise the first failure."""
+    re-raise the first failure (with ``reraise=False``, only an interrupt)."""
     failure: BaseException | None = None
     for proxy in proxies:
         try:
-            discard_sync(proxy, request)
+            discard_sync(proxy, request, reraise)
         except BaseException as exc:
             failure = failure or exc
     if failure is not None:
@@ -662,7 +661,7 @@ def _discard_sync_all(proxies: Sequence[ScopedSession], request: RequestScope) -
 
 
 def _discard_sync_when_unused(
-    proxies: Sequence[ScopedSession], request: RequestScope, loop_thread: int
+    proxies: Sequence[ScopedSession], request: RequestScope, loop_thread: int, reraise: bool
 ) -> None:
     """:func:`_discard_sync_all` after a cancellation: first wait until no thread but the
     event loop's is inside one of the Sessions (:mod:`sessionmw.lingering`)."""
@@ -673,19 +672,24 @@ def _discard_sync_when_unused(
             held += referents(session)
     wait_until_unused(held, besides=[loop_thread])
     del held
-    _discard_sync_all(proxies, request)
+    _discard_sync_all(proxies, request, reraise)
 
 
-def _closer(cancelled: bool) -> Callable[[Sequence[ScopedSession], RequestScope], None]:
+def _closer(
+    cancelled: bool, reraise: bool = True
+) -> Callable[[Sequence[ScopedSession], RequestScope], None]:
     """How to remove sync Sessions in a worker thread, called on the event loop."""
     if cancelled:
-        return functools.partial(_discard_sync_when_unused, loop_thread=threading.get_ident())
-    return _discard_sync_all
+        return functools.partial(
+            _discard_sync_when_unused, loop_thread=threading.get_ident(), reraise=reraise
+        )
+    return functools.partial(_discard_sync_all, reraise=reraise)
 
 
-def discard_sync(proxy: Any, request: RequestScope) -> None:
+def discard_sync(proxy: Any, request: RequestScope, reraise: bool = True) -> None:
     """What ``Session.remove()`` does for ``request``: close its Session (rolling back what
-    was not committed), then forget it; forgotten even if the close fails."""
+    was not committed), then forget it; forgotten even if the close fails, which is
+    logged, and raised unless ``reraise=False``."""
     registry = proxy.registry.registry
     session = registry.get(request)
     if session is None:
@@ -694,12 +698,15 @@ def discard_sync(proxy: Any, request: RequestScope) -> None:
         session.close()
     except Exception:
         log.error("closing the session of %s failed", describe(request), exc_info=True)
-        raise
+        if reraise:
+            raise
     finally:
         registry.pop(request, None)
 
 
-async def discard_async(proxy: async_scoped_session[Any], request: RequestScope) -> None:
+async def discard_async(
+    proxy: async_scoped_session[Any], request: RequestScope, reraise: bool = True
+) -> None:
     """:func:`discard_sync` for an ``async_scoped_session``.
 
     A close that may do I/O is shielded from cancellation; one of a session that never
@@ -716,7 +723,8 @@ async def discard_async(proxy: async_scoped_session[Any], request: RequestScope)
             await session.close()
     except Exception:
         log.error("closing the session of %s failed", describe(request), exc_info=True)
-        raise
+        if reraise:
+            raise
     finally:
         registry.pop(request, None)
 

@@ -70,11 +70,16 @@ def skip_removal(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def raise_failed_close(monkeypatch: pytest.MonkeyPatch) -> None:
-    def raise_it(failure: BaseException | None) -> None:
-        if failure is not None:
-            raise failure
+    discard_sync, discard_async = unit.discard_sync, unit.discard_async
 
-    monkeypatch.setattr(unit, "_raise_unless_logged", raise_it)
+    def always_raise_sync(proxy: Any, request: Any, reraise: bool = True) -> None:
+        discard_sync(proxy, request)
+
+    async def always_raise_async(proxy: Any, request: Any, reraise: bool = True) -> None:
+        await discard_async(proxy, request)
+
+    monkeypatch.setattr(unit, "discard_sync", always_raise_sync)
+    monkeypatch.setattr(unit, "discard_async", always_raise_async)
 
 
 MUTANTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
