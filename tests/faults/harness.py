@@ -181,9 +181,17 @@ def wrap_asgi(app: Any) -> Any:
     async def probed(scope: Any, receive: Any, send: Any) -> None:
         probe = current_probe.get()
         assert probe is not None
+        run = current_run.get()
+
+        async def app_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                run.app_status = message["status"]
+            await send(message)
+
         await probe.ahit("app")
-        await app(scope, receive, send)
-        current_run.get().app_returned = True
+        await app(scope, receive, app_send)
+        run.app_returned = True
+        run.done_at = len(probe.steps)
         await probe.ahit("app_return")
 
     return probed
@@ -292,6 +300,13 @@ class _ProbedBody:
             close = getattr(self.body, "close", None)
             if close is not None:
                 close()
+            _app_done()
+
+
+def _app_done() -> None:
+    probe = current_probe.get()
+    if probe is not None:
+        current_run.get().done_at = len(probe.steps)
 
 
 def wrap_wsgi(app: Any) -> Any:
@@ -300,10 +315,14 @@ def wrap_wsgi(app: Any) -> Any:
 
         def app_start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
             step("app", "start_response")
+            current_run.get().app_status = int(status[:3])
             return start_response(status, headers, exc_info)
 
         body = app(environ, app_start_response)
-        return body if isinstance(body, list) else _ProbedBody(body)
+        if isinstance(body, list):
+            _app_done()  # no app code runs after a list
+            return body
+        return _ProbedBody(body)
 
     return probed
 
@@ -464,6 +483,19 @@ def check_request(world: World, probe: Probe, outcome: Outcome, rows: Counter[st
         problems.append(
             f"the response was complete, then a database failure at {fired} reached the "
             f"server: {outcome.escaped}"
+        )
+    if (
+        shape.commit == "manual"  # the middleware settles nothing: the app's answer stands
+        and fired is not None
+        and probe.fault in (DB_ERROR, INVALIDATE)
+        and run.done_at is not None
+        and run.app_status is not None
+        and probe.steps.index(fired) >= run.done_at
+        and status not in (None, run.app_status)
+    ):
+        problems.append(
+            f"the app answered {run.app_status} and was done, then a database failure at "
+            f"{fired} turned that into {status}"
         )
     lost = sorted(n for n in run.confirmed if not kept(n))
     if lost:

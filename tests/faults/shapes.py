@@ -43,6 +43,10 @@ class Run:
     attempts: int = 0
     #: The app returned normally (a websocket may then commit).
     app_returned: bool = False
+    #: The status the app itself answered, and how many steps were recorded once it was
+    #: done with the request (returned; for a WSGI iterable, once its body was closed).
+    app_status: int | None = None
+    done_at: int | None = None
     #: The Session objects the request used, and the rows it saw (isolation checks).
     sessions: list[Any] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
