@@ -9,7 +9,9 @@ reaches the server, which would drop the kept-alive connection (uvicorn, gunicor
 with it the client's next request sent on it.
 
 Each stack runs in a process of its own (``tests/close_failure_apps.py``), as in
-production.
+production.  In process: a WSGI list body (removed before the server sends it) keeps its
+status; with no worker thread left the Sessions are still closed; and an interrupt met
+while removing still reaches the server after an earlier close failed.
 """
 
 from __future__ import annotations
