@@ -561,9 +561,9 @@ class UnitOfWork:
     async def end(self) -> None:
         """:meth:`end_sync` for ASGI: sync Sessions that hold a connection across a
         network close in one worker-thread hop, async ones are awaited, shielded; a close
-        that fails is logged, not raised.  After
-        a cancellation the sync ones close in that hop once no thread the app started is
-        still inside them (:mod:`sessionmw.lingering`)."""
+        that fails is logged, not raised.  After a cancellation the sync ones close in
+        that hop once no thread the app started is still inside them
+        (:mod:`sessionmw.lingering`)."""
         self._begin_end()
         request = self.request
         interrupted: BaseException | None = None
@@ -675,6 +675,10 @@ def _discard_sync_when_unused(
     _discard_sync_all(proxies, request, reraise)
 
 
+#: What the middleware's hop runs: a failed close is logged, only an interrupt raised.
+_discard_sync_all_logged = functools.partial(_discard_sync_all, reraise=False)
+
+
 def _closer(
     cancelled: bool, reraise: bool = True
 ) -> Callable[[Sequence[ScopedSession], RequestScope], None]:
@@ -683,7 +687,7 @@ def _closer(
         return functools.partial(
             _discard_sync_when_unused, loop_thread=threading.get_ident(), reraise=reraise
         )
-    return functools.partial(_discard_sync_all, reraise=reraise)
+    return _discard_sync_all if reraise else _discard_sync_all_logged
 
 
 def discard_sync(proxy: Any, request: RequestScope, reraise: bool = True) -> None:
