@@ -168,10 +168,12 @@ class ASGISessionMiddleware:
         finally:
             try:
                 unit = responder.unit
-                if unit.callbacks or unit.holds_sessions():
+                if unit.holds_sessions():
                     await responder.end()
-                else:  # nothing to settle or remove: no coroutine to await
+                else:  # nothing to settle or remove: no coroutine to await but callbacks
                     unit.end_empty()
+                    if unit.callbacks:
+                        await unit.run_callbacks()
             finally:
                 if traced is not None:
                     responder.unit.deactivate(traced)
@@ -286,8 +288,9 @@ class _Responder:
             return
         self._server_context = contextvars.copy_context()
 
-    async def _send_last(self, message: ASGISendEvent) -> None:
-        """Send the body's last message in the server's context, not the caller's.
+    async def _send_last_from_elsewhere(self, message: ASGISendEvent) -> None:
+        """Send the body's last message, which the app sent from a task other than the
+        server's, in the server's context, not the caller's.
 
         uvicorn starts the next request of a kept-alive connection from inside this very
         call, and that request's task inherits whatever context the call runs in.  Called
@@ -295,9 +298,6 @@ class _Responder:
         context points at this request's executor, which is shut down by then: the next
         request failed with "CurrentThreadExecutor already quit or is broken".
         """
-        if asyncio.current_task() is self._server_task:
-            await self._send(message)
-            return
         assert self._server_context is not None
         loop = asyncio.get_running_loop()
         await self._server_context.run(loop.create_task, _forward(self._send, message))
@@ -313,7 +313,10 @@ class _Responder:
             and not message.get("more_body", False)
         ):
             self.started = True
-            await self._send_last(message)
+            if asyncio.current_task() is self._server_task:
+                await self._send(message)
+            else:
+                await self._send_last_from_elsewhere(message)
             return
         if kind == "http.response.start" or kind == "websocket.http.response.start":
             unit = self.unit
@@ -324,7 +327,7 @@ class _Responder:
                 )
             if not unit.status:
                 unit.status = status
-                if unit.holds_sessions():  # else nothing to settle: no coroutine to await
+                if unit.decides and unit.holds_sessions():  # else no coroutine to await
                     await unit.settle()
                 extra = unit.response_headers()
                 if extra:
@@ -343,13 +346,10 @@ class _Responder:
         await self._send(message)
 
     async def end(self) -> None:
-        """Settle a websocket, remove every session of the request, then run its
-        on_commit callbacks."""
+        """Settle a websocket, remove every session of the request (it holds one), then
+        run its on_commit callbacks."""
         unit = self.unit
         try:
-            if not unit.holds_sessions():
-                unit.end_empty()
-                return
             try:
                 if unit.request.kind == "websocket" and not unit.failed:
                     unit.decide_websocket()

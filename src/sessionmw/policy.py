@@ -108,7 +108,8 @@ def log_removed(
 
 def warn_if_unsaved(session: Session, request: RequestScope) -> None:
     """Under ``"manual"``, warn when a successful request leaves ORM writes uncommitted."""
-    flushed = session.info.get(_UNSAVED)
+    info = session.__dict__.get("info")  # not session.info: that would create the dict
+    flushed = info is not None and info.get(_UNSAVED)
     # Session.new/.dirty/.deleted build a set on every call; the containers behind them
     # tell for free whether there can be anything at all (True if they ever go away).
     maybe_pending = (
@@ -129,8 +130,11 @@ def _mark_unsaved(session: Session, *args: Any) -> None:
 
 
 def _clear_unsaved(session: Session, transaction: SessionTransaction) -> None:
-    if transaction.parent is None:
-        session.info.pop(_UNSAVED, None)
+    # Read without creating Session.info, a dict made on first access, which every
+    # request would otherwise pay for.
+    info = session.__dict__.get("info")
+    if info and transaction.parent is None:
+        info.pop(_UNSAVED, None)
 
 
 def session_events_target(session: ScopedSession) -> Any:

@@ -54,7 +54,16 @@ NORMAL_CLOSE = frozenset({1000, 1001})
 class Binding:
     """One middleware's ``scoped_session``, its commit policy and its name in logs."""
 
-    __slots__ = ("instrumented", "is_async", "marker", "name", "observe", "policy", "session")
+    __slots__ = (
+        "instrumented",
+        "is_async",
+        "marker",
+        "name",
+        "observe",
+        "policy",
+        "session",
+        "sessions",
+    )
 
     def __init__(
         self,
@@ -65,6 +74,9 @@ class Binding:
         observe: Observe | None = None,
     ) -> None:
         self.session = session
+        #: The proxy's registry: each request's Session, by token (looked up on every
+        #: request, so kept at hand; :func:`~sessionmw.scope.guard_registry` set it once).
+        self.sessions: dict[RequestScope, Any] = session.registry.registry
         self.policy = policy
         self.name = name
         self.is_async = is_async(session)
@@ -83,7 +95,7 @@ class Binding:
 
     def current(self, request: RequestScope) -> Any:
         """The Session ``request`` holds here, or ``None``; creates nothing."""
-        return self.session.registry.registry.get(request)
+        return self.sessions.get(request)
 
     def thread_bound(self) -> bool:
         return _thread_bound(self.session)
@@ -183,6 +195,7 @@ class UnitOfWork:
         "callbacks",
         "cancelled",
         "close_code",
+        "decides",
         "evidence",
         "failed",
         "metrics",
@@ -204,6 +217,9 @@ class UnitOfWork:
         #: The close code the app sent on a websocket (``None``: it sent none).
         self.close_code: int | None = None
         self.settled = False
+        #: A session's policy commits or rolls back at the response (not ``"manual"``):
+        #: else settling has nothing to do, and the request skips it.
+        self.decides = not binding.policy.manual
         #: on_commit callbacks whose transaction committed: they run after the response.
         self.callbacks: list[Callback] = []
         #: What bears on replaying the request (with ``retries=``), else ``None``.
@@ -236,6 +252,7 @@ class UnitOfWork:
         """A middleware stacked inside the owner joins the request."""
         if binding not in self.bindings:
             self.bindings.append(binding)
+            self.decides = self.decides or not binding.policy.manual
             options = binding.observe
             metrics = self.metrics
             if metrics is None and options is not None:
@@ -262,7 +279,7 @@ class UnitOfWork:
     def holds_sessions(self) -> bool:
         request = self.request
         for binding in self.bindings:  # a plain loop: this runs on every request
-            if binding.session.registry.registry.get(request) is not None:
+            if request in binding.sessions:
                 return True
         return False
 
@@ -383,6 +400,8 @@ class UnitOfWork:
         if self.settled:
             return
         self.settled = True
+        if not self.decides:
+            return
         commits, rollbacks = self._decide(self.status)
         if commits or rollbacks:
             self._run(self._drive_sync, self._steps(commits, rollbacks))
@@ -397,6 +416,8 @@ class UnitOfWork:
         if self.settled:
             return
         self.settled = True
+        if not self.decides:
+            return
         commits, rollbacks = self._decide(self.status)
         if not (commits or rollbacks):
             return
