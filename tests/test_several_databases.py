@@ -5,7 +5,7 @@ outermost settles both at the response-start point.  With ``twophase=True`` fact
 that is a two-phase commit: all or none, and no prepared transaction left behind, also
 when the request is cancelled between PREPARE and COMMIT, or a connection is lost
 there.  Without it, a later failure after an earlier commit is logged at ERROR naming
-the database that kept its write.
+the database that kept its write.  Each middleware keeps its own commit policy.
 """
 
 from __future__ import annotations
@@ -243,3 +243,57 @@ async def test_connection_lost_after_prepare_is_committed_on_a_fresh_one(
     assert twophase_pair.rows() == {"a": {"recovered"}, "b": {"recovered"}}
     assert "on a fresh connection" in caplog.text
     twophase_pair.assert_clean()
+
+
+@pytest.mark.parametrize("protocol", ["asgi", "wsgi"])
+async def test_each_stacked_middleware_keeps_its_own_policy(protocol: str, tmp_path: Any) -> None:
+    """An outer ``"manual"`` middleware and an inner ``"on_success"`` one: the outer owns
+    the request's unit of work, yet the inner database still commits at the response,
+    and the outer's uncommitted write is rolled back (SQLite files)."""
+    pair = Pair(f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}", False)
+    outer, inner = pair.sessions["a"], pair.sessions["b"]
+
+    def write(name: str) -> None:
+        for Session in (outer, inner):
+            Session.add(User(name=name))
+            Session.flush()
+
+    if protocol == "asgi":
+
+        async def endpoint(request: Request) -> Response:
+            write(request.path_params["name"])
+            return PlainTextResponse("created", status_code=201)
+
+        app: Any = sessionmw.ASGISessionMiddleware(
+            sessionmw.ASGISessionMiddleware(
+                Starlette(routes=[Route("/{name}", endpoint, methods=["POST"])]),
+                session=inner,
+                commit="on_success",
+                state_key="db_b",
+            ),
+            session=outer,
+            commit="manual",
+            state_key="db_a",
+        )
+        async with client(app) as http:
+            status = (await http.post("/ada")).status_code
+    else:
+
+        def wsgi(environ: Any, start_response: Any) -> list[bytes]:
+            write(environ["PATH_INFO"].strip("/"))
+            start_response("201 Created", [("Content-Type", "text/plain")])
+            return [b"created"]
+
+        app = sessionmw.WSGISessionMiddleware(
+            sessionmw.WSGISessionMiddleware(wsgi, inner, commit="on_success", environ_key="b"),
+            outer,
+            commit="manual",
+            environ_key="a",
+        )
+        status_line, _ = Server().get(app, "/ada", method="POST")
+        status = int(status_line[:3])
+    assert status == 201
+    assert pair.rows() == {"a": set(), "b": {"ada"}}
+    for key, engine in pair.engines.items():
+        assert_clean(pair.sessions[key], engine)
+    pair.dispose()

@@ -25,9 +25,9 @@ class Server:
         environ = EnvironBuilder(path=path, method=method, **kw).get_environ()
         return app(environ, self.start_response)  # type: ignore[no-any-return]
 
-    def get(self, app: Any, path: str = "/", **kw: Any) -> tuple[str, bytes]:
+    def get(self, app: Any, path: str = "/", method: str = "GET", **kw: Any) -> tuple[str, bytes]:
         """Call, read the whole body, close: one complete request."""
-        body = self.call(app, path, **kw)
+        body = self.call(app, path, method, **kw)
         try:
             data = b"".join(body)
         finally:
