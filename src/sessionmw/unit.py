@@ -278,7 +278,7 @@ class UnitOfWork:
 
     def holds_sessions(self) -> bool:
         request = self.request
-        for binding in self.bindings:  # a plain loop: this runs on every request
+        for binding in self.bindings:  # noqa: SIM110 - a plain loop, not any(): per request
             if request in binding.sessions:
                 return True
         return False
