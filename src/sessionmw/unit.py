@@ -538,9 +538,10 @@ class UnitOfWork:
         if not self.failed and 0 < self.status < 400:
             for binding in self.bindings:
                 if binding.policy.manual:
-                    session = binding.current(request)
+                    session = binding.sessions.get(request)
                     if session is not None:
-                        warn_if_unsaved(_sync(session), request)
+                        sync = session.sync_session if binding.is_async else session
+                        warn_if_unsaved(sync, request)
         request.ended = True
 
     def _removed(self) -> None:

@@ -132,7 +132,7 @@ class WSGISessionMiddleware:
             return self._serve_with_replays(environ, start_response)
         response = self._open(environ, start_response)
         try:
-            response.run(self.app)
+            response.context.run(response.serve, self.app)
         except BaseException:
             response.unit.failed = True
             response.close()
@@ -311,9 +311,10 @@ class _Response:
         """Call the app, make the body's first chunk (unless the body is a list or a file
         wrapper, where no app code runs any more), and settle: all in the request's
         context, entered once."""
-        self.context.run(self._run, app)
+        self.context.run(self.serve, app)
 
-    def _run(self, app: WSGIApplication) -> None:
+    def serve(self, app: WSGIApplication) -> None:
+        """:meth:`run`, in the request's context already."""
         environ = self.unit.request.raw
         body: Iterable[bytes] = app(environ, self.start_response)
         self.body = body
@@ -333,9 +334,9 @@ class _Response:
                     self._done = True
         unit = self.unit
         if not unit.settled:
-            if unit.holds_sessions():
+            if unit.decides and unit.holds_sessions():
                 unit.settle_sync()
-            else:
+            else:  # nothing to decide: every policy is manual, or no Session
                 unit.settled = True
 
     def hand_over(self) -> Iterable[bytes]:
