@@ -13,7 +13,7 @@ of every part 1 variant this counts, per request:
   ``valgrind`` is installed (``apt install valgrind``).
 
 The same code counts the same, run after run; machine instructions also follow memory
-layout and string hashes, by up to about 3% between otherwise alike runs.  Instructions
+layout and string hashes, by up to about 1% between otherwise alike runs.  Instructions
 stand in for CPU time; the network, the disk and the other processes are what they leave
 out::
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import json
 import os
 import platform
@@ -65,7 +66,7 @@ TRACED = 40
 MACHINE = 40
 MACHINE_WARM_UP = 40
 #: String hash seeds, one callgrind run each: a row's figure is their median.  Each seed
-#: lays the process's dicts out anew, which moves a row by up to ~2%.
+#: lays the process's dicts out anew, which moves a row by up to ~1%.
 SEEDS = (0, 1, 2)
 
 
@@ -132,15 +133,26 @@ def _serve(
     app = built.app
     if variant.kind == "wsgi":
         wsgi_batch(app, route, warm_up)
+        _settle_heap()
         around(lambda: wsgi_batch(app, route, requests))
         return
     loop = asyncio.new_event_loop()
     try:
         loop.run_until_complete(asgi_batch(app, route, warm_up))
+        _settle_heap()
         around(lambda: loop.run_until_complete(asgi_batch(app, route, requests)))
     finally:
         loop.run_until_complete(built.dispose())
         loop.close()
+
+
+def _settle_heap() -> None:
+    """Collect, then freeze what survived: the collections the measured requests trigger
+    then scan only what those requests allocate, not a heap that differs from one variant
+    (and one run) to the next.  Otherwise whether an older generation's collection falls
+    inside the measured requests moved a row by up to 9%."""
+    gc.collect()
+    gc.freeze()
 
 
 def _build(variant: Variant, database: Path) -> Built | str:
@@ -231,11 +243,11 @@ def report(counts: dict[str, Counts], machine: bool) -> str:
         "except those of other threads (aiosqlite's). **+ over "
         "bare**: the difference from the framework's bare row, what the session machinery "
         "adds. **x hand-written**: the ratio to the hand-written row of the same flavor. "
-        "Every request is counted after a warm-up, and the same code counts the same. "
-        "Machine instructions also follow the process's memory layout: one hash seed to "
-        "the next moved Flask's hand-written one-query row by up to 1.6%, and unrelated "
-        "edits to this script by up to 3% (1,132k to 1,184k), hence the median over seeds. "
-        "A difference of 2% or less between rows may be layout, not code.",
+        "Every request is counted after a warm-up, a collection and `gc.freeze()`, and the "
+        "same code counts the same. Machine instructions also follow the process's memory "
+        "layout: four hash seeds spread Flask's hand-written one-query row over 0.9% and "
+        "Starlette's bare no-DB row over 0.3%, hence the median over seeds. A difference "
+        "of 1% or less between rows may be layout, not code.",
         "",
     ]
     if not machine:
