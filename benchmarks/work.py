@@ -226,7 +226,7 @@ def machine_count(key: str, route: str, database: Path, seed: int) -> float | No
     return int(found.group(1)) / MACHINE
 
 
-def report(counts: dict[str, Counts], machine: bool) -> str:
+def report(counts: dict[str, Counts], machine: bool, seeds: tuple[int, ...] = SEEDS) -> str:
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# Work per request, counted",
@@ -239,7 +239,7 @@ def report(counts: dict[str, Counts], machine: bool) -> str:
         "is not in them. **frames**: Python frames entered per request (calls, and "
         "resumptions of coroutines and generators). **machine**: every machine instruction "
         f"of the process per request, Python, C and SQLite alike ({MACHINE} requests under "
-        f"callgrind, the median of runs with PYTHONHASHSEED {', '.join(map(str, SEEDS))}), "
+        f"callgrind, the median of runs with PYTHONHASHSEED {', '.join(map(str, seeds))}), "
         "except those of other threads (aiosqlite's). **+ over "
         "bare**: the difference from the framework's bare row, what the session machinery "
         "adds. **x hand-written**: the ratio to the hand-written row of the same flavor. "
@@ -348,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"with --functions: {ONE_QUERY} compares with the hand-written row instead",
     )
     parser.add_argument("--no-machine", action="store_true", help="skip callgrind")
+    parser.add_argument(
+        "--seeds",
+        type=lambda text: tuple(int(seed) for seed in text.split(",")),
+        default=SEEDS,
+        help=f"hash seeds of the callgrind runs, e.g. 0,1,2 (default {','.join(map(str, SEEDS))})",
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -365,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         counts = {v.key: trace(v, database) for v in VARIANTS}
         if machine:
             cells = [(v.key, r) for v in VARIANTS if not counts[v.key].error for r in ROUTES]
-            jobs = [(key, route, seed) for key, route in cells for seed in SEEDS]
+            jobs = [(key, route, seed) for key, route in cells for seed in args.seeds]
             with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
                 found = list(pool.map(lambda job: machine_count(*job[:2], database, job[2]), jobs))
             for key, route in cells:
@@ -384,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             for route, c in measured.routes.items()
         )
         print(f"{variant.name:55s} {figures}{measured.error}")
-    args.out.write_text(report(counts, machine))
+    args.out.write_text(report(counts, machine, args.seeds))
     raw = {
         key: {
             "error": value.error,
