@@ -87,10 +87,10 @@ def test_the_readme_quotes_the_last_ending_run() -> None:
         expected = {
             "hand-written": [hand[1], hand[0]],
             "the middleware": [
-                *manual[2:],
                 manual[1],
-                *on_success[2:],
+                *manual[2:],
                 on_success[1],
+                *on_success[2:],
                 manual[0],
                 on_success[0],
             ],
