@@ -293,6 +293,29 @@ def test_manual_warns_about_uncommitted_writes_of_a_successful_request(
     assert_clean(Session, engine)
 
 
+@pytest.mark.parametrize("end", ["commit", "rollback"])
+def test_manual_forgets_flushed_writes_once_their_transaction_ended(
+    Session: Any, engine: Engine, caplog: pytest.LogCaptureFixture, end: str
+) -> None:
+    """The warning is about the transaction the response leaves open: writes flushed in
+    one the app then committed or rolled back are not unsaved, even once a later read
+    has begun another."""
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        Session.add(User(name="settled by the app"))
+        Session.flush()
+        getattr(Session, end)()
+        Session.execute(select(User.id)).all()  # a new transaction, with nothing to save
+        text_response(start_response)
+        return [b""]
+
+    with caplog.at_level(logging.WARNING, "sessionmw"):
+        Server().get(sessionmw.WSGISessionMiddleware(app, Session))
+    assert caplog.records == []
+    assert count_rows(engine, User) == (1 if end == "commit" else 0)
+    assert_clean(Session, engine)
+
+
 def test_commit_failure_never_reaches_the_server_as_a_success(
     Session: Any, engine: Engine, tracker: Tracker, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import Session
 
 from .scope import RequestScope, ScopedSession
 
@@ -109,14 +109,19 @@ def log_removed(
 def warn_if_unsaved(session: Session, request: RequestScope) -> None:
     """Under ``"manual"``, warn when a successful request leaves ORM writes uncommitted."""
     info = session.__dict__.get("info")  # not session.info: that would create the dict
-    flushed = info is not None and info.get(_UNSAVED)
+    flushed = False
+    if info is not None:
+        flushed_in = info.get(_UNSAVED)
+        if flushed_in is not None:  # a flush, in a transaction that may have ended since
+            transaction = flushed_in()
+            flushed = transaction is not None and transaction is session.get_transaction()
     # Session.new/.dirty/.deleted build a set on every call; the containers behind them
     # tell for free whether there can be anything at all (True if they ever go away).
-    maybe_pending = (
-        getattr(session, "_new", True)
-        or getattr(session, "_deleted", True)
-        or getattr(session.identity_map, "_modified", True)
-    )
+    maybe_pending: object
+    try:
+        maybe_pending = session._new or session._deleted or session.identity_map._modified
+    except AttributeError:  # pragma: no cover - renamed in a SQLAlchemy to come
+        maybe_pending = True
     if flushed or (maybe_pending and (session.new or session.dirty or session.deleted)):
         log.warning(
             "%s succeeded but its session has uncommitted changes, which are now rolled "
@@ -126,15 +131,12 @@ def warn_if_unsaved(session: Session, request: RequestScope) -> None:
 
 
 def _mark_unsaved(session: Session, *args: Any) -> None:
-    session.info[_UNSAVED] = True
-
-
-def _clear_unsaved(session: Session, transaction: SessionTransaction) -> None:
-    # Read without creating Session.info, a dict made on first access, which every
-    # request would otherwise pay for.
-    info = session.__dict__.get("info")
-    if info and transaction.parent is None:
-        info.pop(_UNSAVED, None)
+    """Remember the transaction that flushed: a weak reference, so the flag lapses once
+    that transaction ends (commit, rollback) without a listener on every transaction's
+    end, which every request would pay for."""
+    transaction = session.get_transaction()
+    if transaction is not None:
+        session.info[_UNSAVED] = weakref.ref(transaction)
 
 
 def session_events_target(session: ScopedSession) -> Any:
@@ -156,7 +158,6 @@ def track_unsaved_writes(session: ScopedSession) -> None:
     if target not in _tracked:
         _tracked.add(target)
         event.listen(target, "after_flush", _mark_unsaved)
-        event.listen(target, "after_transaction_end", _clear_unsaved)
 
 
 _tracked: weakref.WeakSet[Any] = weakref.WeakSet()
