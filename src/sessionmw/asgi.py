@@ -152,22 +152,22 @@ class ASGISessionMiddleware:
         self, scope: Scope, receive: ASGIReceiveCallable, responder: _Responder
     ) -> None:
         """Serve the request once, in a scope of its own, and end that scope."""
-        request = responder.unit.request
+        unit = responder.unit
+        request = unit.request
         if request.kind == "http":
             responder.remember_server_context()
         token = _current.set(request)
-        traced = responder.unit.activate()
+        traced = unit.activate() if unit.metrics is not None else None
         scope[TOKEN_KEY] = request  # type: ignore[literal-required]
         try:
             await self.app(scope, receive, responder.send)
         except BaseException as exc:
-            responder.unit.failed = True
+            unit.failed = True
             if isinstance(exc, asyncio.CancelledError):
-                responder.unit.cancelled = True
+                unit.cancelled = True
             raise
         finally:
             try:
-                unit = responder.unit
                 if unit.holds_sessions():
                     await responder.end()
                 else:  # nothing to settle or remove: no coroutine to await but callbacks
@@ -176,8 +176,9 @@ class ASGISessionMiddleware:
                         await unit.run_callbacks()
             finally:
                 if traced is not None:
-                    responder.unit.deactivate(traced)
-                responder.unit.release()
+                    unit.deactivate(traced)
+                if request.unit is unit:  # unit.release(), inline: once per request
+                    request.unit = None
                 _current.reset(token)
                 scope.pop(TOKEN_KEY, None)  # type: ignore[misc]  # no cycle scope <-> token
 
@@ -329,9 +330,10 @@ class _Responder:
                 unit.status = status
                 if unit.decides and unit.holds_sessions():  # else no coroutine to await
                     await unit.settle()
-                extra = unit.response_headers()
-                if extra:
-                    message = _with_headers(message, extra)
+                if unit.request.wrote or unit.metrics is not None:  # else it adds none
+                    extra = unit.response_headers()
+                    if extra:
+                        message = _with_headers(message, extra)
             if status >= 500 and self._replay is not None and unit.evidence is not None:
                 error = self._replay.failure(unit.evidence, None)
                 if error is not None and self.may_replay():

@@ -21,7 +21,7 @@ import contextvars
 import importlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -63,7 +63,7 @@ def _limiter() -> anyio.CapacityLimiter:
         return limiter
 
 
-async def run_shielded(func: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+async def run_shielded(func: Callable[..., Coroutine[Any, Any, _T]], *args: Any) -> _T:
     """Run ``func(*args)`` to the end even if the caller is cancelled meanwhile.
 
     An anyio shielded scope holds off anyio's (and trio's) cancellation; without it an
@@ -73,12 +73,12 @@ async def run_shielded(func: Callable[..., Awaitable[_T]], *args: Any) -> _T:
     (:func:`wait_out`); the cancellation is re-raised afterwards.
     """
     try:
-        asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
     except RuntimeError:  # not asyncio: the shielded scope is enough
         with anyio.CancelScope(shield=True):
             result = await func(*args)
         return result  # noqa: RET504 - the scope may swallow a cancellation: no return inside
-    return await _wait_shielded(asyncio.ensure_future(func(*args)))
+    return await _wait_shielded(loop.create_task(func(*args)))
 
 
 def _in_anyio_scope() -> bool:

@@ -107,7 +107,10 @@ class Binding:
 def _thread_bound(proxy: ScopedSession) -> bool:
     """Whether the factory's connections belong to one thread each (SQLite memory
     databases' SingletonThreadPool): they must be closed in the thread that uses them."""
-    bind = proxy.session_factory.kw.get("bind")
+    return _bound_to_thread(proxy.session_factory.kw.get("bind"))
+
+
+def _bound_to_thread(bind: object) -> bool:
     return isinstance(bind, Engine) and isinstance(bind.pool, SingletonThreadPool)
 
 
@@ -115,16 +118,20 @@ def _is_local(proxy: ScopedSession) -> bool:
     """Whether the factory's bind is a SQLite database, where a rollback or a close
     costs microseconds: less than a hop to a worker thread (measured: 15 µs vs 72 µs).
     Anything else may sit across a network, a round trip away."""
-    bind = proxy.session_factory.kw.get("bind")
+    return _local_bind(proxy.session_factory.kw.get("bind"))
+
+
+def _local_bind(bind: object) -> bool:
     return isinstance(bind, Engine) and bind.dialect.name == "sqlite"
 
 
-def _closes_in_worker(proxy: ScopedSession, session: Session, cancelled: bool) -> bool:
+def _closes_in_worker(session: Session, cancelled: bool) -> bool:
     """Whether a sync Session is closed in a worker thread under ASGI: when its close is
-    a round trip across a network, and after a cancellation (a thread may be inside)."""
+    a round trip across a network, and after a cancellation (a thread may be inside).
+    Told by the Session's own bind (``None`` with ``binds=``: across a network)."""
     if cancelled:
-        return not _thread_bound(proxy)
-    return session.in_transaction() and not _is_local(proxy)
+        return not _bound_to_thread(session.bind)
+    return session.in_transaction() and not _local_bind(session.bind)
 
 
 def _reset(session: Session) -> None:
@@ -570,10 +577,14 @@ class UnitOfWork:
         the server drop the kept-alive connection and the client's next request on it.
         """
         self._begin_end()
+        request = self.request
         interrupted: BaseException | None = None
         for binding in self.bindings:
+            session = binding.sessions.get(request)
+            if session is None:
+                continue
             try:
-                discard_sync(binding.session, self.request, reraise=False)
+                _close_and_forget(binding.sessions, session, request)
             except BaseException as exc:  # an interrupt: the others are still removed
                 interrupted = interrupted or exc
         self._removed()
@@ -591,16 +602,16 @@ class UnitOfWork:
         interrupted: BaseException | None = None
         blocking = []
         for binding in self.bindings:
-            session = binding.current(request)
+            session = binding.sessions.get(request)
             if session is None:
                 continue
             try:
                 if binding.is_async:
                     await discard_async(binding.session, request, reraise=False)  # type: ignore[arg-type]
-                elif _closes_in_worker(binding.session, session, self.cancelled):
+                elif _closes_in_worker(session, self.cancelled):
                     blocking.append(binding.session)
                 else:
-                    discard_sync(binding.session, request, reraise=False)
+                    _close_and_forget(binding.sessions, session, request)
             except BaseException as exc:  # a cancellation: the others are still removed
                 interrupted = interrupted or exc
         if blocking:
@@ -720,12 +731,26 @@ def discard_sync(proxy: Any, request: RequestScope, reraise: bool = True) -> Non
     session = registry.get(request)
     if session is None:
         return
+    if reraise:
+        try:
+            session.close()
+        except Exception:
+            log.error("closing the session of %s failed", describe(request), exc_info=True)
+            raise
+        finally:
+            registry.pop(request, None)
+    else:
+        _close_and_forget(registry, session, request)
+
+
+def _close_and_forget(
+    registry: dict[RequestScope, Any], session: Session, request: RequestScope
+) -> None:
+    """:func:`discard_sync` with ``reraise=False`` for a Session already looked up."""
     try:
         session.close()
     except Exception:
         log.error("closing the session of %s failed", describe(request), exc_info=True)
-        if reraise:
-            raise
     finally:
         registry.pop(request, None)
 
@@ -844,7 +869,7 @@ class request_scope:  # noqa: N801 - used like contextlib's lowercase managers
             if (
                 session is not None
                 and not is_async(proxy)
-                and _closes_in_worker(proxy, session, cancelled)
+                and _closes_in_worker(session, cancelled)
             ):
                 offload.append(proxy)
         if offload:

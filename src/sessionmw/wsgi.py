@@ -302,9 +302,11 @@ class _Response:
         pending, self._pending_start = self._pending_start, None
         if pending is not None:
             status, headers, exc_info = pending
-            extra = self.unit.response_headers() if self._server_write is None else ()
-            if extra:  # once: not again for an error status that replaces a started one
-                headers = [*headers, *extra]
+            unit = self.unit
+            if self._server_write is None and (unit.request.wrote or unit.metrics is not None):
+                extra = unit.response_headers()
+                if extra:  # once: not again for an error status that replaces a started one
+                    headers = [*headers, *extra]
             self._server_write = self._start_response(status, headers, exc_info)
 
     def run(self, app: WSGIApplication) -> None:
