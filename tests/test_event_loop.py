@@ -134,20 +134,15 @@ async def test_an_untouched_request_stays_on_the_loop(pg_engine: Engine) -> None
 
 
 def test_local_sqlite_closes_inline(tmp_path: Any) -> None:
-    """On SQLite a close costs less than the hop, so the binding says it is local."""
-    from sessionmw.policy import CommitPolicy
-    from sessionmw.unit import Binding
+    """On SQLite a close costs less than the hop, so a Session bound to it is local; one
+    bound elsewhere, or to nothing but per-mapper binds, is not."""
+    from sessionmw.unit import _local_bind
 
     sqlite = create_engine(f"sqlite:///{tmp_path / 'x.db'}")
     remote = create_engine("postgresql+psycopg://u@127.0.0.1:1/x")
-    local = Binding(sessionmw.request_scoped(sessionmaker(bind=sqlite)), CommitPolicy("manual"), "")
-    far = Binding(sessionmw.request_scoped(sessionmaker(bind=remote)), CommitPolicy("manual"), "")
-    unbound = Binding(
-        sessionmw.request_scoped(sessionmaker(class_=OrmSession)), CommitPolicy("manual"), ""
-    )
-    assert local.is_local()
-    assert not far.is_local()
-    assert not unbound.is_local()
+    assert _local_bind(sessionmaker(bind=sqlite)().bind)
+    assert not _local_bind(sessionmaker(bind=remote)().bind)
+    assert not _local_bind(sessionmaker(class_=OrmSession)().bind)
 
 
 async def test_a_child_scope_closes_its_sync_session_off_the_loop(pg_engine: Engine) -> None:

@@ -100,9 +100,6 @@ class Binding:
     def thread_bound(self) -> bool:
         return _thread_bound(self.session)
 
-    def is_local(self) -> bool:
-        return _is_local(self.session)
-
 
 def _thread_bound(proxy: ScopedSession) -> bool:
     """Whether the factory's connections belong to one thread each (SQLite memory
@@ -114,14 +111,10 @@ def _bound_to_thread(bind: object) -> bool:
     return isinstance(bind, Engine) and isinstance(bind.pool, SingletonThreadPool)
 
 
-def _is_local(proxy: ScopedSession) -> bool:
-    """Whether the factory's bind is a SQLite database, where a rollback or a close
-    costs microseconds: less than a hop to a worker thread (measured: 15 µs vs 72 µs).
-    Anything else may sit across a network, a round trip away."""
-    return _local_bind(proxy.session_factory.kw.get("bind"))
-
-
 def _local_bind(bind: object) -> bool:
+    """Whether ``bind`` is a SQLite database, where a rollback or a close costs
+    microseconds: less than a hop to a worker thread (measured: 15 µs vs 72 µs).
+    Anything else may sit across a network, a round trip away."""
     return isinstance(bind, Engine) and bind.dialect.name == "sqlite"
 
 
@@ -242,7 +235,8 @@ class UnitOfWork:
     def response_headers(self) -> Sequence[tuple[str, str]]:
         """Headers the request's outcome adds to its response, once it is settled: the
         read-your-writes cookie after a committed write (with replicas); ``Server-Timing``
-        (with ``server_timing=True``, on HTTP)."""
+        (with ``server_timing=True``, on HTTP).  Never any unless ``request.wrote`` or the
+        request is metered: the adapters skip the call otherwise, once per request."""
         request = self.request
         headers: Sequence[tuple[str, str]] = ()
         if request.wrote:
@@ -465,11 +459,9 @@ class UnitOfWork:
             except Exception:  # the response stands; the middleware closes it again
                 log.error("resetting the session of %s failed", describe(request), exc_info=True)
 
-    def _local(self, session: Any) -> bool:
-        for binding in self.bindings:
-            if binding.current(self.request) is session:
-                return binding.is_local()
-        return False
+    @staticmethod
+    def _local(session: Any) -> bool:
+        return _local_bind(_sync(session).bind)
 
     def _run(self, driver: Callable[[Any], None], steps: Any) -> None:
         metrics = self.metrics
@@ -731,26 +723,22 @@ def discard_sync(proxy: Any, request: RequestScope, reraise: bool = True) -> Non
     session = registry.get(request)
     if session is None:
         return
-    if reraise:
-        try:
-            session.close()
-        except Exception:
-            log.error("closing the session of %s failed", describe(request), exc_info=True)
-            raise
-        finally:
-            registry.pop(request, None)
-    else:
-        _close_and_forget(registry, session, request)
+    _close_and_forget(registry, session, request, reraise)
 
 
 def _close_and_forget(
-    registry: dict[RequestScope, Any], session: Session, request: RequestScope
+    registry: dict[RequestScope, Any],
+    session: Session,
+    request: RequestScope,
+    reraise: bool = False,
 ) -> None:
-    """:func:`discard_sync` with ``reraise=False`` for a Session already looked up."""
+    """:func:`discard_sync` for a Session already looked up."""
     try:
         session.close()
     except Exception:
         log.error("closing the session of %s failed", describe(request), exc_info=True)
+        if reraise:
+            raise
     finally:
         registry.pop(request, None)
 
